@@ -1,0 +1,51 @@
+# Two environments, because llmcompressor 0.14 (torch<=2.14.0, transformers<=5.17) and
+# sglang 0.5.23 (torch==2.14.1, transformers==5.19.0) cannot share one:
+#   .venv         everything but SGLang: reference model, decoders, kernels, quantizer, tests
+#   .venv-sglang  SGLang 0.5.23 + this package: the plugin, the server and their tests
+# Exact versions live only in constraints*.txt; pyproject.toml holds ranges.
+# Every target is idempotent: an up-to-date venv is reused (stamp files track the inputs).
+
+PYTHON ?= python3.11
+VENV := .venv
+VENV_SGLANG := .venv-sglang
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: venv venv-sglang test test-core test-sglang serve lint format clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# torch first and alone: on CPU machines pip.conf points at the CPU wheel.
+	$(VENV)/bin/pip install -q -c constraints.txt torch
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[quantize,dev]'
+	touch $@
+
+venv-sglang: $(VENV_SGLANG)/.installed
+$(VENV_SGLANG)/.installed: pyproject.toml constraints-sglang.txt
+	test -x $(VENV_SGLANG)/bin/python || $(PYTHON) -m venv $(VENV_SGLANG)
+	$(VENV_SGLANG)/bin/pip install -q --upgrade pip
+	$(VENV_SGLANG)/bin/pip install -q -c constraints-sglang.txt -e '.[sglang,dev]'
+	touch $@
+
+test: test-core test-sglang
+
+test-core: venv
+	$(VENV)/bin/python -m pytest -q -m "not sglang" $(PYTEST_ARGS) tests
+
+test-sglang: venv-sglang
+	$(VENV_SGLANG)/bin/python -m pytest -q -m sglang $(PYTEST_ARGS) tests/sglang
+
+serve: venv-sglang
+	$(VENV_SGLANG)/bin/fast-dvlm serve --model demo --host $(HOST) --port $(PORT)
+
+lint: venv
+	$(VENV)/bin/ruff check fast_dvlm_sglang kernels quantize tests benchmarks
+
+format: venv
+	$(VENV)/bin/ruff format fast_dvlm_sglang kernels quantize tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(VENV_SGLANG) build *.egg-info .pytest_cache .ruff_cache

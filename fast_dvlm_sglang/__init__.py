@@ -1,0 +1,1 @@
+"""Fast-dVLM serving: PyTorch reference model, decoders and an SGLang plugin."""

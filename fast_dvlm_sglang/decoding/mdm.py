@@ -1,0 +1,92 @@
+"""MDM block decoding (Fast-dLLM v2): the unmasking rule, shared with the SGLang plugin.
+
+Within a block, positions are filled sub-block by sub-block. Each iteration forwards the whole
+block block-bidirectionally; with token shift the logits at block position j-1 predict token j.
+A step commits every still-masked position of the current sub-block whose confidence exceeds
+the threshold, and at least the single most confident one, so every step makes progress.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def confidence_unmask(
+    confidence: torch.Tensor, is_masked: torch.Tensor, active: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """Positions [B, L] to commit this step, given the confidence of each candidate token.
+
+    `active` marks the current sub-block. Rows with no masked active position commit nothing.
+    No host synchronisation: everything stays on the tensors' device.
+    """
+    candidates = is_masked & active
+    conf = confidence.masked_fill(~candidates, float("-inf"))
+    above = candidates & (conf > threshold)
+    best = torch.zeros_like(candidates).scatter_(-1, conf.argmax(dim=-1, keepdim=True), True)
+    return above | (best & candidates)
+
+
+def select_unmask(
+    logits: torch.Tensor, is_masked: torch.Tensor, active: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy form: (argmax tokens [B, L], positions to commit [B, L]) from shifted logits [B, L, V]."""
+    conf, tokens = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+    return tokens, confidence_unmask(conf, is_masked, active, threshold)
+
+
+def shift_logits(block_logits: torch.Tensor) -> torch.Tensor:
+    """Token shift: out[..., j, :] = block_logits[..., j - 1, :]; position 0 (known) gets a copy of
+    position 0 that is never used, since the first token of a block is never masked."""
+    return torch.cat([block_logits[..., :1, :], block_logits[..., :-1, :]], dim=-2)
+
+
+def sub_block_active(length: int, sub_block: int, index: int, device=None) -> torch.Tensor:
+    pos = torch.arange(length, device=device)
+    return (pos >= index * sub_block) & (pos < (index + 1) * sub_block)
+
+
+def mdm_decode(session, out, params, generator, *, block_size: int, sub_block_size: int, threshold: float, mask_id: int) -> None:
+    """Reference MDM loop over one request (see the module docstring).
+
+    The first token of every block comes from causal logits (the prompt prefill, then each
+    block's KV-write forward), exactly as an AR step would produce it; the diffusion iterations
+    fill the other block_size - 1 positions.
+    """
+    from .sampling import sample_tokens
+
+    device = session.model.device
+    logits = session.prefill()
+    while True:
+        first = sample_tokens(logits, params, generator)[0]
+        length = min(block_size, out.remaining)
+        block = torch.full((length,), mask_id, dtype=torch.long, device=device)
+        block[0] = first
+        masked = torch.ones(length, dtype=torch.bool, device=device)
+        masked[0] = False
+        for index in range(-(-length // sub_block_size)):
+            active = sub_block_active(length, sub_block_size, index, device=device)
+            while bool((masked & active).any()):
+                if _ends_inside(block, masked, out):
+                    return
+                block_logits = session.forward(block, bidirectional=True, write=False)
+                tokens, conf = sample_tokens(shift_logits(block_logits), params, generator)
+                commit = confidence_unmask(conf[None], masked[None], active[None], threshold)[0]
+                block = torch.where(commit, tokens, block)
+                masked &= ~commit
+        out.extend(block.tolist())
+        if out.finished:
+            return
+        logits = session.forward(block, bidirectional=False, write=True)[-1]
+
+
+def _ends_inside(block: torch.Tensor, masked: torch.Tensor, out) -> bool:
+    """If the filled prefix of the block already contains a stop (EOS), commit it and end early:
+    positions after a stop are never shown, so decoding them would only waste forwards."""
+    from .stopping import find_stop
+
+    filled = int((~masked).long().cumprod(0).sum())
+    prefix = block[:filled].tolist()
+    if find_stop(out.tokens + prefix, out.criteria, out.decode) is None:
+        return False
+    out.extend(prefix)
+    return out.finished

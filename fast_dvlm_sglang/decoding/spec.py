@@ -1,0 +1,74 @@
+"""Self-speculative linear decoding: the acceptance rule, shared with the SGLang plugin.
+
+A round drafts a whole block in one block-bidirectional pass over [seed, mask, ...] and verifies
+it in one causal pass over [seed, draft...]. The verify pass's token at block position j is what
+AR decoding would emit after [.., seed, d_1..d_j-1]; so while draft and verify agree, the draft is
+exactly the AR continuation. We keep that longest agreeing prefix plus the verify token right
+after it, which is why greedy speculative output equals greedy AR output token for token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def accept_longest_prefix(draft: torch.Tensor, verify: torch.Tensor, draft_len: torch.Tensor | None = None) -> torch.Tensor:
+    """Number of leading positions where `draft` [B, L] equals `verify` [B, L] (vectorised).
+
+    `draft_len` [B] limits rows with shorter drafts: positions >= draft_len never count.
+    Returns a [B] long tensor on the inputs' device (no host sync).
+    """
+    agree = draft == verify
+    if draft_len is not None:
+        pos = torch.arange(draft.shape[-1], device=draft.device)
+        agree = agree & (pos[None, :] < draft_len[:, None])
+    return agree.long().cumprod(dim=-1).sum(dim=-1)
+
+
+def committed_tokens(draft: torch.Tensor, verify: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
+    """Tokens a round commits per row, padded: draft[:k] then verify[k] ([B, L+1], -1 after).
+
+    `verify` [B, L+1] holds the verify pass's token for every draft position plus the bonus one.
+    """
+    b, length = draft.shape
+    pos = torch.arange(length + 1, device=draft.device)[None, :]
+    k = accepted[:, None]
+    padded_draft = torch.cat([draft, draft.new_full((b, 1), -1)], dim=-1)
+    out = torch.where(pos < k, padded_draft, verify)
+    return out.masked_fill(pos > k, -1)
+
+
+def spec_decode(session, out, params, generator, *, block_size: int, mask_id: int) -> list[int]:
+    """Reference speculative loop over one request; returns the accepted draft length per round.
+
+    Draft tokens are always argmax (the draft only proposes). The verify tokens follow the
+    request's sampling settings: greedy gives AR greedy exactly; with temperature > 0 each
+    emitted token is a sample of the causal distribution given the accepted prefix, i.e. a
+    valid AR sample (not the same random stream as `ar`).
+    """
+    from .sampling import SamplingParams, sample_tokens
+
+    greedy = SamplingParams()
+    device = session.model.device
+    accepted: list[int] = []
+    seed = sample_tokens(session.prefill(), params, generator)[0].view(1)
+    out.extend(seed.tolist())
+    while not out.finished:
+        length = max(1, min(block_size, out.remaining))
+        if length > 1:
+            masks = torch.full((length - 1,), mask_id, dtype=torch.long, device=device)
+            draft_logits = session.forward(torch.cat([seed, masks]), bidirectional=True, write=False)
+            draft = sample_tokens(draft_logits[:-1], greedy)[0]
+        else:
+            draft = seed.new_empty(0)
+        base = session.cache.length
+        verify_logits = session.forward(torch.cat([seed, draft]), bidirectional=False, write=True)
+        verify = sample_tokens(verify_logits, params, generator)[0]
+        k = accept_longest_prefix(draft[None], verify[None, :-1])
+        new = committed_tokens(draft[None], verify[None], k)[0]
+        k = int(k[0])
+        session.cache.truncate(base + 1 + k)  # keep the seed and the accepted draft tokens
+        accepted.append(k)
+        out.extend(new[: k + 1].tolist())
+        seed = new[k : k + 1]
+    return accepted

@@ -1,0 +1,195 @@
+"""Chats -> model inputs, shared by the CLI, evaluation and training.
+
+Text is rendered with the tokenizer's (Qwen2.5-VL) chat template and tokenized once, unexpanded;
+then each ``<|image_pad|>`` is expanded to ``t*h*w / merge_size**2`` copies, exactly as
+``Qwen2_5_VLProcessor`` does. Expanding ids rather than text keeps the character offsets of the
+rendered template valid, which ``encode_training_conversation`` uses to find the assistant spans.
+
+Only ``processor.tokenizer`` and ``processor.image_processor`` (a Qwen2-VL image processor) are
+used, so any processor-like object with those two attributes works.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+__all__ = [
+    "EncodedChat",
+    "EncodedConversation",
+    "encode_chat",
+    "encode_training_conversation",
+    "extract_images",
+    "render_chat",
+]
+
+IMAGE_PAD = "<|image_pad|>"
+IM_END = "<|im_end|>"
+ASSISTANT_PREFIX = "<|im_start|>assistant\n"
+
+
+@dataclass(frozen=True)
+class EncodedChat:
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None  # (num_patches, C * temporal_patch * patch * patch), float32
+    image_grid_thw: torch.Tensor | None  # (num_images, 3), int64
+
+
+@dataclass(frozen=True)
+class EncodedConversation:
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    labels_mask: list[bool]  # True on assistant response tokens and their closing <|im_end|>
+    turn_ids: list[int]  # index of the assistant turn (0, 1, ...) of each response token, -1 elsewhere
+
+
+def _load_image(ref) -> Image.Image:
+    if isinstance(ref, Image.Image):
+        return ref
+    if isinstance(ref, dict):  # OpenAI style {"url": ...}
+        ref = ref.get("url")
+    if isinstance(ref, bytes):
+        return Image.open(io.BytesIO(ref))
+    if isinstance(ref, str):
+        if ref.startswith("data:"):
+            _, _, payload = ref.partition(",")
+            return Image.open(io.BytesIO(base64.b64decode(payload)))
+        if ref.startswith("file://"):
+            ref = ref[len("file://") :]
+        if "://" in ref:
+            raise ValueError(f"remote images are not supported offline: {ref[:80]!r}")
+        return Image.open(Path(ref))
+    raise TypeError(f"unsupported image reference: {type(ref).__name__}")
+
+
+def _is_image_part(part: dict) -> bool:
+    # Same test as the chat template (videos are not supported).
+    return part.get("type") == "image" or "image" in part or "image_url" in part
+
+
+def extract_images(messages: list[dict]) -> list[Image.Image]:
+    """The images of a conversation, in template order, as RGB PIL images."""
+    images = []
+    for msg in messages:
+        content = msg["content"]
+        if isinstance(content, str):
+            continue
+        for part in content:
+            if part.get("type") == "video" or "video" in part:
+                raise ValueError("video inputs are not supported")
+            if _is_image_part(part):
+                ref = part.get("image") if part.get("image") is not None else part.get("image_url")
+                images.append(_load_image(ref).convert("RGB"))
+    return images
+
+
+def render_chat(processor, messages: list[dict], *, add_generation_prompt: bool) -> str:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _process_images(processor, images: list[Image.Image]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if not images:
+        return None, None
+    out = processor.image_processor(images=images, return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def _expand_image_pads(
+    processor, ids: list[int], grid_thw: torch.Tensor | None, *extra: list
+) -> tuple[list[int], ...]:
+    """Repeat each image pad id t*h*w/merge^2 times; ``extra`` per-token lists are repeated alongside."""
+    tokenizer = processor.tokenizer
+    pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    n_pads = sum(1 for t in ids if t == pad_id)
+    n_images = 0 if grid_thw is None else len(grid_thw)
+    if n_pads != n_images:
+        raise ValueError(f"{n_pads} image placeholders in the text but {n_images} images")
+    if n_images == 0:
+        return (list(ids), *(list(e) for e in extra))
+    merge = processor.image_processor.merge_size
+    counts = [int(g.prod()) // (merge * merge) for g in grid_thw]
+    out_ids: list[int] = []
+    out_extra: list[list] = [[] for _ in extra]
+    k = 0
+    for i, t in enumerate(ids):
+        reps = 1
+        if t == pad_id:
+            reps = counts[k]
+            k += 1
+        out_ids.extend([t] * reps)
+        for dst, src in zip(out_extra, extra):
+            dst.extend([src[i]] * reps)
+    return (out_ids, *out_extra)
+
+
+def encode_chat(processor, messages: list[dict], *, add_generation_prompt: bool = True) -> EncodedChat:
+    """Token ids (image pads expanded), pixel values and grids for an OpenAI/HF-format chat."""
+    text = render_chat(processor, messages, add_generation_prompt=add_generation_prompt)
+    pixel_values, grid_thw = _process_images(processor, extract_images(messages))
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    (ids,) = _expand_image_pads(processor, ids, grid_thw)
+    return EncodedChat(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid_thw)
+
+
+def _text_of(content) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content if not _is_image_part(part) and "text" in part)
+
+
+def encode_training_conversation(processor, messages: list[dict]) -> EncodedConversation:
+    """Like :func:`encode_chat` (no generation prompt) plus the supervision masks.
+
+    ``labels_mask`` is True on each assistant response and its closing ``<|im_end|>``; the
+    ``<|im_start|>assistant\\n`` prefix, the newline after ``<|im_end|>`` and all system/user
+    tokens are False. ``turn_ids`` numbers the assistant turns 0, 1, ... (-1 elsewhere).
+    """
+    tokenizer = processor.tokenizer
+    text = render_chat(processor, messages, add_generation_prompt=False)
+
+    # Character spans [start, end) of every response + <|im_end|> in the rendered text.
+    spans: list[tuple[int, int]] = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prefix = render_chat(processor, messages[: i + 1], add_generation_prompt=False)
+        body = _text_of(msg["content"]) + IM_END
+        end = prefix.rstrip("\n")
+        start = len(end) - len(body)
+        if not text.startswith(prefix) or end[start:] != body or not end[:start].endswith(ASSISTANT_PREFIX):
+            raise ValueError(f"chat template does not render assistant turn {i} as expected")
+        spans.append((start, len(end)))
+
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [False] * len(ids)
+    turns = [-1] * len(ids)
+    for turn, (start, end) in enumerate(spans):
+        for j, (a, b) in enumerate(offsets):
+            if a >= start and b <= end:
+                labels[j], turns[j] = True, turn
+            elif a < end and b > start:
+                raise ValueError(f"a token straddles the boundary of assistant turn {turn}")
+    for turn in range(len(spans)):  # every turn must end with its <|im_end|>
+        last = max(j for j, t in enumerate(turns) if t == turn)
+        if ids[last] != tokenizer.convert_tokens_to_ids(IM_END):
+            raise ValueError(f"assistant turn {turn} does not end with {IM_END}")
+
+    pixel_values, grid_thw = _process_images(processor, extract_images(messages))
+    ids, labels, turns = _expand_image_pads(processor, ids, grid_thw, labels, turns)
+    return EncodedConversation(
+        input_ids=ids,
+        pixel_values=pixel_values,
+        image_grid_thw=grid_thw,
+        labels_mask=labels,
+        turn_ids=turns,
+    )

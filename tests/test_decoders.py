@@ -1,0 +1,145 @@
+"""The three reference decoders: spec == AR (greedy), KV cache state, NFE accounting, sampling."""
+
+import pytest
+import torch
+from helpers import BASE_VOCAB, image_prompt, write_tiny
+
+from fast_dvlm_sglang.decoding import GenerationConfig, Prompt, SamplingParams, generate
+from fast_dvlm_sglang.decoding.session import DecodeSession
+from fast_dvlm_sglang.kv_cache import DenseKVCache
+from fast_dvlm_sglang.model import FastDVLMForConditionalGeneration
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2])
+def model(request, tmp_path_factory):
+    path = write_tiny(tmp_path_factory.mktemp(f"m{request.param}") / "ckpt", seed=request.param)
+    return FastDVLMForConditionalGeneration.from_pretrained(path)
+
+
+def random_prompts(n: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    prompts = []
+    for i in range(n):
+        if i % 3 == 2:
+            ids, pv, thw = image_prompt(grid=(1, 4, 4) if i % 2 else (1, 8, 8), seed=seed * 100 + i)
+            prompts.append(Prompt(ids, pv, thw))
+        else:
+            length = int(torch.randint(1, 40, (1,), generator=gen))
+            prompts.append(Prompt(torch.randint(0, BASE_VOCAB, (length,), generator=gen).tolist()))
+    return prompts
+
+
+@pytest.mark.parametrize("block_size", [4, 8, 32])
+def test_greedy_spec_equals_greedy_ar(model, block_size):
+    # EOS disabled so every prompt runs to max_new_tokens and crosses many rounds.
+    for i, prompt in enumerate(random_prompts(21, seed=block_size)):
+        max_new = 10 + 7 * (i % 6)
+        ar = generate(model, prompt, GenerationConfig("ar", max_new_tokens=max_new, eos_token_ids=()))
+        spec = generate(model, prompt, GenerationConfig("spec", max_new_tokens=max_new, block_size=block_size, eos_token_ids=()))
+        assert spec.token_ids == ar.token_ids, f"prompt {i}"
+        assert len(ar.token_ids) == max_new and ar.finish_reason == "length"
+
+
+def test_greedy_spec_equals_ar_with_eos_and_stop(model):
+    eos = (5, 17, 42, 99, 123)  # common enough in random outputs to stop inside accepted prefixes
+    for prompt in random_prompts(20, seed=7):
+        ar = generate(model, prompt, GenerationConfig("ar", max_new_tokens=60, eos_token_ids=eos))
+        spec = generate(model, prompt, GenerationConfig("spec", max_new_tokens=60, eos_token_ids=eos))
+        assert spec.token_ids == ar.token_ids and spec.finish_reason == ar.finish_reason
+        if ar.finish_reason == "stop":
+            assert ar.token_ids[-1] in eos and not set(ar.token_ids[:-1]) & set(eos)
+
+
+def _assert_cache_equals_prefill(model, prompt, cache, tokens):
+    fresh = DecodeSession(model, Prompt(prompt.input_ids + tokens[: cache.length - len(prompt.input_ids)],
+                                        prompt.pixel_values, prompt.image_grid_thw))
+    fresh.prefill()
+    assert fresh.cache.length == cache.length
+    for layer in range(model.config.text.num_hidden_layers):
+        for got, want in zip(cache.read(layer), fresh.cache.read(layer)):
+            # float32, same math with different matmul shapes (row-blocked vs whole prompt)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_cache_after_partial_spec_acceptance_equals_fresh_prefill(model, with_image):
+    prompt = random_prompts(3, seed=3)[2 if with_image else 0]
+    cache = DenseKVCache(model.config.text.num_hidden_layers)
+    res = generate(model, prompt, GenerationConfig("spec", max_new_tokens=45, block_size=8, eos_token_ids=()), cache=cache)
+    assert any(0 < k < 7 for k in res.accepted_lengths), res.accepted_lengths  # some partial acceptance
+    assert cache.length == len(prompt.input_ids) + len(res.token_ids) - 1 or res.finish_reason == "length"
+    _assert_cache_equals_prefill(model, prompt, cache, res.token_ids)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9])
+def test_cache_after_mdm_block_equals_fresh_prefill(model, threshold):
+    prompt = random_prompts(1, seed=5)[0]
+    cache = DenseKVCache(model.config.text.num_hidden_layers)
+    cfg = GenerationConfig("mdm", max_new_tokens=16 + 5, block_size=16, threshold=threshold, eos_token_ids=())
+    res = generate(model, prompt, cfg, cache=cache)
+    assert len(res.token_ids) == 21
+    assert cache.length == len(prompt.input_ids) + 16  # the first block was written, the last not
+    _assert_cache_equals_prefill(model, prompt, cache, res.token_ids)
+
+
+class ForwardCounter:
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("algorithm", ["ar", "mdm", "spec"])
+@pytest.mark.parametrize("max_new", [1, 2, 13, 40])
+def test_nfe_counts_every_forward_after_prefill(model, algorithm, max_new):
+    for prompt in random_prompts(3, seed=max_new):
+        counter = ForwardCounter(model)
+        try:
+            res = generate(model, prompt, GenerationConfig(algorithm, max_new_tokens=max_new, block_size=8, eos_token_ids=()))
+        finally:
+            counter.handle.remove()
+        assert res.nfe == counter.calls - 1  # minus the prefill
+        assert res.tokens_per_nfe == len(res.token_ids) / max(res.nfe, 1)
+        if algorithm == "ar":
+            assert res.nfe == max_new - 1
+
+
+def test_mdm_nfe_closed_form_when_one_token_per_step(model):
+    # threshold 1.0: no confidence exceeds it, so each iteration commits exactly one token:
+    # a block of B costs B - 1 iterations plus one causal KV write (none after the last block).
+    prompt = random_prompts(1, seed=9)[0]
+    res = generate(model, prompt, GenerationConfig("mdm", max_new_tokens=24, block_size=8, threshold=1.0, eos_token_ids=()))
+    assert len(res.token_ids) == 24
+    assert res.nfe == 3 * 7 + 2
+
+
+def test_mdm_low_threshold_needs_fewer_forwards(model):
+    prompt = random_prompts(1, seed=10)[0]
+    hi = generate(model, prompt, GenerationConfig("mdm", max_new_tokens=32, block_size=16, threshold=1.0, eos_token_ids=()))
+    lo = generate(model, prompt, GenerationConfig("mdm", max_new_tokens=32, block_size=16, threshold=0.0, eos_token_ids=()))
+    # threshold 0 commits a whole sub-block per iteration
+    assert lo.nfe < hi.nfe and lo.nfe == 2 * 2 + 1
+
+
+@pytest.mark.parametrize("algorithm", ["ar", "mdm", "spec"])
+def test_sampling_is_reproducible_with_a_seed(model, algorithm):
+    prompt = random_prompts(1, seed=11)[0]
+    def run(seed):
+        params = SamplingParams(temperature=1.5, top_p=0.95, top_k=50, seed=seed)
+        return generate(model, prompt, GenerationConfig(algorithm, max_new_tokens=30, sampling=params, eos_token_ids=())).token_ids
+    first = run(1)
+    assert run(1) == first
+    assert any(run(s) != first for s in (2, 3, 4))
+
+
+def test_invalid_settings_are_rejected():
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        GenerationConfig("beam")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationConfig("ar", max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
