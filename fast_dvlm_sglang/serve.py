@@ -1,0 +1,114 @@
+"""`fast-dvlm serve`: SGLang's OpenAI-compatible server for Fast-dVLM, with our plugin.
+
+    fast-dvlm serve [--model demo|PATH|HF_ID] [--algorithm ar|mdm|spec] [--host 127.0.0.1]
+                    [--port 8000] [--max-running-requests N] [--api-key K] [-- extra SGLang args]
+
+Runs `python -m sglang.launch_server` (the plugin loads through its entry points in every SGLang
+process). Flags follow the machine: on a host without CUDA, the PyTorch CPU path (device cpu,
+torch_native attention, pytorch sampling, float32, no CUDA graphs, sdpa vision attention, a
+small KV pool). `--algorithm mdm` adds `--dllm-algorithm FastDVLMBlock` with a YAML of the
+sub-block size and threshold; `ar` serves the same weights autoregressively.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ALGORITHMS = ("ar", "mdm", "spec")
+DEFAULT_ALGORITHM = "spec"  # FastDVLMSpeculative: greedy answers equal AR, fewer forwards
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo" / "checkpoint"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fast-dvlm serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="demo", help="'demo', a checkpoint directory, or a Hugging Face id")
+    p.add_argument("--algorithm", choices=ALGORITHMS, default=DEFAULT_ALGORITHM)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-running-requests", type=int, default=None)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--sub-block-size", type=int, default=8, help="MDM sub-block size")
+    p.add_argument("--threshold", type=float, default=0.9, help="MDM confidence threshold")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dry-run", action="store_true", help="print the SGLang command and exit")
+    return p
+
+
+def resolve_model(model: str) -> str:
+    if model == "demo":
+        if not (DEMO_CHECKPOINT / "config.json").is_file():
+            raise SystemExit(f"fast-dvlm serve: the demo checkpoint is missing at {DEMO_CHECKPOINT}")
+        return str(DEMO_CHECKPOINT)
+    return model
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def cpu_flags() -> list[str]:
+    return ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
+            "--dtype", "float32", "--disable-cuda-graph", "--mm-attention-backend", "sdpa",
+            "--max-total-tokens", "8192", "--skip-server-warmup", "--tp-size", "1"]
+
+
+def build_command(args: argparse.Namespace, extra: list[str], algo_config: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", resolve_model(args.model),
+           "--host", args.host, "--port", str(args.port)]
+    if args.served_model_name:
+        cmd += ["--served-model-name", args.served_model_name]
+    if args.max_running_requests is not None:
+        cmd += ["--max-running-requests", str(args.max_running_requests)]
+    if args.api_key:
+        cmd += ["--api-key", args.api_key]
+    device = args.device if args.device != "auto" else ("cuda" if _has_cuda() else "cpu")
+    if device == "cpu":
+        cmd += cpu_flags()
+    if args.algorithm == "mdm":
+        cmd += ["--dllm-algorithm", "FastDVLMBlock"]
+        if algo_config:
+            cmd += ["--dllm-algorithm-config", algo_config]
+    elif args.algorithm == "spec":
+        cmd += ["--dllm-algorithm", "FastDVLMSpeculative"]
+    return cmd + extra
+
+
+def serve_main(argv: list[str]) -> int:
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    args = _parser().parse_args(argv)
+    algo_config = None
+    with tempfile.TemporaryDirectory(prefix="fast-dvlm-serve-") as tmp:
+        if args.algorithm == "mdm":
+            algo_config = os.path.join(tmp, "fast_dvlm_mdm.yaml")
+            with open(algo_config, "w") as f:
+                f.write(f"sub_block_size: {args.sub_block_size}\nthreshold: {args.threshold}\n")
+        cmd = build_command(args, extra, algo_config)
+        if args.dry_run:
+            print(" ".join(cmd))
+            return 0
+        env = dict(os.environ)
+        env.pop("SGLANG_USE_CPU_ENGINE", None)
+        proc = subprocess.Popen(cmd, env=env)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            return proc.wait()
+
+
+if __name__ == "__main__":
+    raise SystemExit(serve_main(sys.argv[1:]))

@@ -1,0 +1,105 @@
+"""`FastDVLMBlock`: Fast-dLLM v2 MDM block decoding as an SGLang dLLM algorithm.
+
+Per block (SGLang's separate-context-encoding flow, sglang/srt/dllm/mixin/req.py):
+1. a causal EXTEND forward encodes the context (the prompt, later each completed block) and
+   writes its KV; its last-position logits give the block's first token (token shift: the logit
+   at position i-1 predicts token i), stored on the request (`req.dllm_algo_state`, moved there
+   by the scheduler hook in `hooks.py`);
+2. DLLM_EXTEND forwards run the whole block block-bidirectionally over the cached context, one
+   forward per scheduler round (FDFO), each followed by `select_unmask` (shared with the
+   reference decoder): within the first sub-block that still has masks, commit every masked
+   position whose confidence > threshold, at least the most confident one;
+3. a complete block is emitted; SGLang discards its bidirectional KV and step 1 re-encodes it
+   causally in the next round.
+
+Per-request state lives on the request (a small dict carried by SGLang through
+`req.dllm_algo_state`); this object holds only configuration. Greedy only (as the reference).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+from sglang.srt.dllm.algorithm.base import DllmAlgorithm
+from sglang.srt.dllm.config import DllmConfig
+
+from fast_dvlm_sglang.config import ARCHITECTURE, DEFAULT_SUB_BLOCK_SIZE
+from fast_dvlm_sglang.decoding.mdm import select_unmask
+from fast_dvlm_sglang.sglang_plugin.model import set_extend_mrope_positions
+
+DEFAULT_THRESHOLD = 0.9
+
+
+class FastDVLMBlock(DllmAlgorithm):
+    supported_architectures = (ARCHITECTURE,)
+    requires_separate_context_encoding = True
+
+    def __init__(self, config: DllmConfig):
+        super().__init__(config)
+        algo = config.algorithm_config or {}
+        self.sub_block_size = int(algo.get("sub_block_size", DEFAULT_SUB_BLOCK_SIZE))
+        self.threshold = float(algo.get("threshold", DEFAULT_THRESHOLD))
+        if not 1 <= self.sub_block_size <= self.block_size:
+            raise ValueError(f"sub_block_size must be in [1, block_size={self.block_size}], got {self.sub_block_size}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+
+    @classmethod
+    def configure_server_args(cls, server_args) -> None:
+        cfg = resolving_view(server_args)
+        if not cfg.dllm_fdfo:
+            raise ValueError(f"{cls.__name__} runs one denoising step per scheduler round: remove --no-dllm-fdfo")
+        # A cached prefix would skip the causal pass whose logits give each block's first token.
+        declare_resolution(server_args, cls.__name__, disable_radix_cache=True, chunked_prefill_size=-1)
+
+    # ---- SGLang entry point ----------------------------------------------------------------
+    def run(self, model_runner, forward_batch, algo_states=None):
+        set_extend_mrope_positions(forward_batch)  # before the runner copies them into its buffers
+        if not forward_batch.forward_mode.is_dllm_extend():
+            # Causal context encoding: KV written; the last logits give each block's first token.
+            if forward_batch.input_ids.numel() == 0:
+                return None, [], None, None, False
+            out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
+            first = out.logits_output.next_token_logits.argmax(dim=-1).tolist()
+            states = [{"first_token": int(t), "masked": None} for t in first]
+            return out.logits_output, [], None, states, out.can_run_graph
+        if algo_states is None or any(s is None or "first_token" not in s for s in algo_states):
+            raise RuntimeError(
+                f"{type(self).__name__}: a block started without its causal context pass "
+                "(is the fast_dvlm plugin's scheduler hook loaded?)"
+            )
+        return super().run(model_runner, forward_batch, algo_states)
+
+    def prepare_inputs(self, model_runner, forward_batch, states: list[Any]) -> None:
+        ids = forward_batch.input_ids.view(forward_batch.batch_size, self.block_size)
+        for i, state in enumerate(states):
+            if state["masked"] is None:  # first forward of this block: [first, MASK, ...]
+                masked = torch.ones(self.block_size, dtype=torch.bool, device=ids.device)
+                masked[0] = False
+                row = torch.full((self.block_size,), self.mask_id, dtype=ids.dtype, device=ids.device)
+                row[0] = state["first_token"]
+                ids[i].copy_(row)
+                state["masked"] = masked
+
+    def step(self, forward_batch, full_logits: torch.Tensor, states: list[Any]) -> list[bool]:
+        batch = forward_batch.batch_size
+        logits = full_logits.view(batch, self.block_size, -1)
+        shifted = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # position j <- logits of j-1
+        ids = forward_batch.input_ids.view(batch, self.block_size)
+        masked = torch.stack([s["masked"] for s in states])
+        pos = torch.arange(self.block_size, device=ids.device)
+        sub = (pos // self.sub_block_size).expand(batch, -1)
+        big = self.block_size  # larger than any sub-block index
+        current = torch.where(masked, sub, big).min(dim=1, keepdim=True).values
+        active = sub == current
+        tokens, commit = select_unmask(shifted, masked, active, self.threshold)
+        ids.copy_(torch.where(commit, tokens.to(ids.dtype), ids))
+        masked = masked & ~commit
+        for i, state in enumerate(states):
+            state["masked"] = masked[i]
+        return (~masked.any(dim=1)).tolist()
+
+
+Algorithm = FastDVLMBlock

@@ -1,0 +1,46 @@
+"""transformers-side registration of `model_type: "fast_dvlm"`.
+
+Fast_dVLM_3B's config.json says `model_type: "fast_dvlm"`, which transformers does not know. The
+weights and config are Qwen2.5-VL's, so the config class is Qwen2.5-VL's with another model_type;
+the processor and image processor are Qwen2.5-VL's. Registration is idempotent.
+"""
+
+from __future__ import annotations
+
+from fast_dvlm_sglang.config import MODEL_TYPE
+
+_registered = False
+
+
+from transformers import Qwen2_5_VLConfig  # noqa: E402  (transformers is a core dependency)
+
+
+class FastDVLMHFConfig(Qwen2_5_VLConfig):
+    """Qwen2.5-VL's config under `model_type: "fast_dvlm"` (module level: SGLang pickles it)."""
+
+    model_type = MODEL_TYPE
+
+
+def fast_dvlm_config_class():
+    return FastDVLMHFConfig
+
+
+def register_transformers() -> None:
+    """AutoConfig / AutoProcessor / AutoImageProcessor know `fast_dvlm` afterwards."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cfg_cls = fast_dvlm_config_class()
+    if MODEL_TYPE not in CONFIG_MAPPING:
+        AutoConfig.register(MODEL_TYPE, cfg_cls, exist_ok=True)
+    try:
+        from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+
+        AutoProcessor.register(cfg_cls, Qwen2_5_VLProcessor, exist_ok=True)
+        AutoImageProcessor.register(cfg_cls, slow_image_processor_class=Qwen2VLImageProcessor, exist_ok=True)
+    except (TypeError, ValueError):  # signature differences across transformers 5.x minors
+        pass
+    _registered = True

@@ -1,0 +1,156 @@
+"""Every change the plugin makes to SGLang, as HookRegistry hooks, in one table.
+
+`HOOK_TARGETS` lists (SGLang dotted target, our hook "module:function", hook type). Tests assert
+that every target still resolves in the installed SGLang, so a renamed SGLang symbol fails a test
+instead of silently disabling a hook. Hook functions live here and import SGLang lazily.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+
+from fast_dvlm_sglang.config import ARCHITECTURE
+
+logger = logging.getLogger(__name__)
+
+_ME = "fast_dvlm_sglang.sglang_plugin.hooks"
+
+HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
+    # Block size / mask id for our architecture (SGLang's table is hard-coded per architecture).
+    ("sglang.srt.dllm.config.DllmConfig.from_server_args",
+     "fast_dvlm_sglang.sglang_plugin.dllm_config:from_server_args_hook", "AROUND"),
+    # Our architecture is multimodal (SGLang's list is a module constant; env var otherwise).
+    ("sglang.srt.configs.model_config.is_multimodal_model", f"{_ME}:is_multimodal_model", "AROUND"),
+    # Processor mapping: Qwen2.5-VL's image processor for our architecture.
+    ("sglang.srt.managers.multimodal_processor.import_processors", f"{_ME}:after_import_processors", "AFTER"),
+    # The scheduler step. FastDVLMBlock: after SGLang's own step, move the causal context pass's
+    # first token onto the request. FastDVLMSpeculative: replaces the step (variable commits and
+    # KV rollback, `spec_scheduler.process_batch_result_dllm`). Other algorithms: untouched.
+    ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin.process_batch_result_dllm",
+     f"{_ME}:process_batch_result_dllm", "AROUND"),
+    # FastDVLMSpeculative keeps the verify pass's KV of the committed tokens: no re-encoding.
+    ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin._stash_dllm_context",
+     "fast_dvlm_sglang.sglang_plugin.spec_scheduler:stash_dllm_context", "AROUND"),
+    # OpenAI chat requests SGLang accepts but our model must refuse (4xx).
+    ("sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._validate_request",
+     f"{_ME}:after_validate_chat_request", "AFTER"),
+)
+
+
+def _resolve(spec: str):
+    import pkgutil
+
+    return pkgutil.resolve_name(spec)
+
+
+def register_all() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for target, hook, kind in HOOK_TARGETS:
+        fn = _resolve(hook)
+        if any(h is fn for _, h, _ in HookRegistry._hooks.get(target, [])):
+            continue  # idempotent
+        HookRegistry.register(target, fn, HookType[kind])
+
+
+# ---- hook functions ---------------------------------------------------------------------------
+def is_multimodal_model(original, model_architectures):
+    if model_architectures and ARCHITECTURE in model_architectures:
+        return True
+    return original(model_architectures)
+
+
+def after_import_processors(result, package_name, overwrite=False):
+    from sglang.srt.managers.multimodal_processor import PROCESSOR_MAPPING
+
+    from .processor import FastDVLMImageProcessor
+
+    for model_cls in FastDVLMImageProcessor.models:
+        PROCESSOR_MAPPING[model_cls] = FastDVLMImageProcessor
+    return None
+
+
+def process_batch_result_dllm(original, scheduler, batch, result):
+    from . import ALGORITHM_NAME, SPEC_ALGORITHM_NAME
+
+    algorithm = getattr(getattr(scheduler, "dllm_config", None), "algorithm", None)
+    if algorithm == SPEC_ALGORITHM_NAME:
+        from .spec_scheduler import process_batch_result_dllm as spec_step
+
+        return spec_step(original, scheduler, batch, result)
+    original(scheduler, batch, result)
+    if algorithm != ALGORITHM_NAME or batch.forward_mode.is_dllm_extend():
+        return None
+    # A causal context pass of FastDVLMBlock: each request's first block token goes on the request.
+    states = getattr(result, "dllm_algo_state", None)
+    if states is None:
+        return None
+    for req, state in zip(batch.reqs, states):
+        if state is not None:
+            req.dllm_algo_state = state
+    return None
+
+
+def _check_image_url(url: str) -> str | None:
+    if not url.startswith("data:"):
+        return None  # remote URLs / paths: SGLang fetches and reports them itself
+    header, sep, payload = url.partition(",")
+    if not sep:
+        return "Image data URL has no payload."
+    if not header[5:].lower().startswith("image/"):
+        return f"Image data URL must have an image/* media type, got {header[5:] or 'none'!r}."
+    if ";base64" not in header.lower():
+        return "Image data URL must be base64-encoded."
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        return "Image data URL is not valid base64."
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(raw)) as img:
+            img.verify()
+    except Exception:
+        return "Image data URL does not contain a decodable image."
+    return None
+
+
+def _iter_image_urls(request):
+    for message in request.messages or []:
+        content = getattr(message, "content", None)
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            kind = getattr(part, "type", None) or (part.get("type") if isinstance(part, dict) else None)
+            if kind != "image_url":
+                continue
+            image = getattr(part, "image_url", None) or (part.get("image_url") if isinstance(part, dict) else None)
+            url = getattr(image, "url", None) or (image.get("url") if isinstance(image, dict) else None)
+            if url is not None:
+                yield url
+
+
+def _serves_our_model(serving) -> bool:
+    try:
+        archs = serving.tokenizer_manager.model_config.hf_config.architectures or []
+    except AttributeError:
+        return False
+    return ARCHITECTURE in archs
+
+
+def after_validate_chat_request(error, serving, request):
+    if error or not _serves_our_model(serving):
+        return None
+    if request.n is not None and request.n != 1:
+        return "n must be 1: Fast-dVLM returns one choice per request."
+    served = serving.tokenizer_manager.served_model_name
+    if request.model and request.model != served:
+        return f"The model {request.model!r} does not exist; this server serves {served!r}."
+    for url in _iter_image_urls(request):
+        message = _check_image_url(url)
+        if message:
+            return message
+    return None

@@ -1,0 +1,1 @@
+"""Scanned by SGLang's `ModelRegistry.register` (modules exposing `EntryClass`)."""

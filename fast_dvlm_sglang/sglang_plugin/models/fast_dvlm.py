@@ -1,0 +1,3 @@
+from fast_dvlm_sglang.sglang_plugin.model import Fast_dVLMForConditionalGeneration
+
+EntryClass = Fast_dVLMForConditionalGeneration

@@ -1,0 +1,190 @@
+"""The scheduler step of `FastDVLMSpeculative`: variable commits and KV rollback, as SGLang hooks.
+
+SGLang 0.5.23's separate-context-encoding flow (sglang/srt/dllm/mixin/scheduler.py) assumes a
+round emits a whole block, discards the block's KV and re-encodes it causally in the next round.
+A speculative round instead commits a variable number n = k + 1 of tokens per request (the seed
+and the k accepted drafts) whose causal KV the verify pass already wrote. Two AROUND hooks (listed
+in `hooks.HOOK_TARGETS`), active only when the server runs `FastDVLMSpeculative` (other
+algorithms reach SGLang's code unchanged):
+
+- `process_batch_result_dllm`:
+  * after the causal context pass: move each request's `SpecState` (now holding the seed) onto
+    the request, unless the pass was cut short (a chunked context pass: the next chunk's pass
+    brings the seed); a request SGLang marked `to_finish` (aborted while queued) finishes here;
+  * after a round, for each request `apply_round`: write the n tokens into
+    `full_untruncated_fill_ids` / `output_ids` (dropping the block's placeholder tail), run
+    SGLang's finish checks (`update_finish_state(new_accepted_len=n)`: EOS / stop token / stop
+    string / max_new_tokens inside the committed tokens end the request there through
+    `req.finished_len`, as for SGLang's own speculative decoding), and `rollback_kv` the block's
+    rejected slots. Finished requests then go through SGLang's `release_kv_cache`
+    (`_finish_dllm_request_if_needed`), and every request's new tokens are streamed.
+- `_stash_dllm_context`: the KV is already rolled back, so only SGLang's prefix bookkeeping
+  (`stash_chunked_request`) runs; the next round starts right after the committed tokens
+  (`Req._init_fill_ids_for_dllm` puts `dllm_block_offset` at `seqlen` == `prefix_len`, phase
+  STAGING_DECODE: no context pass).
+
+KV rollback, page-size aware: keep positions [0, offset + n); free the whole pages from
+ceil((offset + n) / page) * page to the allocated end through the allocator's `free_segment`
+(page-aligned start, so every page is freed once). The partial page stays with the request and
+the next round's `alloc_extend` fills it first, as SGLang does for its own dLLM blocks
+(`SchedulerDllmMixin._stash_dllm_context`). Invariant after every round, for every live request:
+`kv_committed_len == kv_allocated_len == extend_end == prefix_len-to-be == seqlen`; the pending
+seed has no KV yet.
+
+Metrics (SGLang's per-token `req.customized_info` channel; native /generate returns them in
+`meta_info`, accumulated over stream chunks):
+- `meta_info["dllm_spec_round"]`: per output token, the 1-based draft/verify round that committed
+  it; accepted draft tokens of round r = (number of tokens of round r) - 1;
+- `meta_info["dllm_nfe"]`: per output token, the request's forward passes so far (1 per context
+  pass + 2 per round); tokens/NFE = completion_tokens / meta_info["dllm_nfe"][-1].
+SGLang's own speculative meta_info fields (`spec_accept_length`, ...) are only filled when
+SGLang's `--speculative-algorithm` is set, so they stay absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from .speculative import ALGORITHM_NAME, SpecState
+
+logger = logging.getLogger(__name__)
+
+METRIC_ROUND = "dllm_spec_round"
+METRIC_NFE = "dllm_nfe"
+
+
+def register_algorithm() -> None:
+    """Make `--dllm-algorithm FastDVLMSpeculative` resolvable (idempotent); hooks: `hooks.py`."""
+    from sglang.srt.dllm.algorithm import algo_name_to_cls
+
+    from .speculative import FastDVLMSpeculative
+
+    algo_name_to_cls.setdefault(ALGORITHM_NAME, FastDVLMSpeculative)
+
+
+def _ours(scheduler) -> bool:
+    cfg = getattr(scheduler, "dllm_config", None)
+    return cfg is not None and cfg.algorithm == ALGORITHM_NAME
+
+
+def budget(req) -> int:
+    """Most tokens the next round may commit (the seed included)."""
+    return max(int(req.sampling_params.max_new_tokens) - len(req.output_ids), 1)
+
+
+# ---- the step, on one request ------------------------------------------------------------------
+def rollback_kv(req, keep_len: int, req_to_token_pool, allocator) -> int:
+    """Keep the request's KV for positions [0, keep_len); free the rest; return the slots freed
+    (in allocator units: whole pages from ceil(keep_len / page) * page to the allocated end)."""
+    allocated = req.kv.kv_allocated_len
+    if not 0 <= keep_len <= allocated:
+        raise ValueError(f"cannot keep {keep_len} KV slots of request {req.rid}: {allocated} allocated")
+    page = allocator.page_size
+    free_start = -(-keep_len // page) * page
+    freed = 0
+    if free_start < allocated:
+        slots = req_to_token_pool.req_to_token[req.kv.req_pool_idx, free_start:allocated]
+        allocator.free_segment(slots, start_pos=free_start)
+        freed = -(-allocated // page) * page - free_start
+    req.kv.kv_committed_len = keep_len
+    req.kv.kv_allocated_len = keep_len
+    return freed
+
+
+def apply_round(req, tokens: list[int], state: SpecState, req_to_token_pool, allocator,
+                block_size: int) -> int:
+    """Commit one round's tokens (seed + accepted drafts) to `req`; roll back the block's KV.
+
+    Returns the number of KV slots freed. Finish checks are SGLang's own.
+    """
+    n = len(tokens)
+    offset = req.extend_end - block_size  # the block's first position == tokens committed before
+    if not 1 <= n <= block_size:
+        raise ValueError(f"a round commits 1..{block_size} tokens, got {n} for request {req.rid}")
+    if offset != req.seqlen:
+        raise RuntimeError(f"request {req.rid}: block at {offset} but {req.seqlen} tokens committed")
+    fill = req.full_untruncated_fill_ids
+    del fill[offset:]
+    fill.extend(tokens)
+    req.output_ids.extend(tokens)
+    keep = offset + n
+    freed = rollback_kv(req, keep, req_to_token_pool, allocator)
+    req.extend_end = keep
+    req.dllm_block_offset = keep
+
+    req.spec_verify_ct += 1
+    req.spec_num_correct_drafts += n - 1
+    if req.customized_info is None:
+        req.customized_info = {}
+    req.customized_info.setdefault(METRIC_ROUND, []).extend([state.rounds] * n)
+    req.customized_info.setdefault(METRIC_NFE, []).extend([state.nfe] * n)
+
+    req.update_finish_state(new_accepted_len=n)
+    req.dllm_algo_state = None if req.finished() else dataclasses.replace(state, budget=budget(req))
+    return freed
+
+
+def adopt_context_state(req, state) -> bool:
+    """After a causal context pass: keep its seed unless the pass stopped short of the block."""
+    if not isinstance(state, SpecState) or req.finished() or req.extend_end != req.dllm_block_offset:
+        return False
+    req.dllm_algo_state = dataclasses.replace(state, budget=budget(req))
+    return True
+
+
+# ---- hooks -----------------------------------------------------------------------------------------
+def process_batch_result_dllm(original, scheduler, batch, result):
+    """The scheduler step for `FastDVLMSpeculative` (dispatched from `hooks.py`)."""
+    if not batch.forward_mode.is_dllm_extend():
+        original(scheduler, batch, result)  # context pass: SGLang only reports prefill stats
+        states = result.dllm_algo_state or [None] * batch.batch_size()
+        finished = []
+        for req, state in zip(batch.reqs, states):
+            if req.to_finish is not None and not req.finished():
+                req.update_finish_state()  # adopts `to_finish`
+                scheduler._finish_dllm_request_if_needed(req)
+                finished.append(req)
+            else:
+                adopt_context_state(req, state)
+        if finished:
+            scheduler.output_streamer.stream_output(finished, batch.return_logprob)
+        return None
+
+    if result.copy_done is not None:
+        result.copy_done.synchronize()
+    block_size = scheduler.dllm_config.block_size
+    allocator = scheduler.token_to_kv_pool_allocator
+    states = result.dllm_algo_state
+    allocator.free_group_begin()
+    try:
+        for req, tokens, state in zip(batch.reqs, result.next_token_ids, states):
+            if req.finished():
+                continue  # released elsewhere while the round ran
+            apply_round(req, list(tokens), state, scheduler.req_to_token_pool, allocator, block_size)
+            scheduler.metrics_reporter.num_generated_tokens += len(tokens)
+            scheduler._finish_dllm_request_if_needed(req)
+        scheduler.output_streamer.stream_output(batch.reqs, batch.return_logprob)
+    finally:
+        allocator.free_group_end()
+    scheduler.metrics_reporter.report_prefill_stats(
+        batch=batch,
+        prefill_stats=batch.prefill_stats,
+        can_run_cuda_graph=result.can_run_cuda_graph,
+        dp_cooperation_info=batch.dp_cooperation_info,
+    )
+    return None
+
+
+def stash_dllm_context(original, scheduler, req):
+    if not _ours(scheduler):
+        return original(scheduler, req)
+    kv = req.kv
+    if not (kv.kv_committed_len == kv.kv_allocated_len == req.extend_end == req.seqlen):
+        raise RuntimeError(
+            f"{ALGORITHM_NAME}: request {req.rid} KV not rolled back after its round "
+            f"(committed={kv.kv_committed_len}, allocated={kv.kv_allocated_len}, "
+            f"extend_end={req.extend_end}, seqlen={req.seqlen})"
+        )
+    scheduler.stash_chunked_request(req)
+    return None

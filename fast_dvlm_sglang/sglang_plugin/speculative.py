@@ -1,0 +1,229 @@
+"""`FastDVLMSpeculative`: self-speculative block decoding as an SGLang dLLM algorithm.
+
+Per request (SGLang's separate-context-encoding flow plus the scheduler step of
+`spec_scheduler.py`):
+
+1. admission (`validate_request`, SGLang's per-request algorithm entry point): refuse what the
+   algorithm cannot honour (constrained decoding, penalties, logprobs, ...) and put a `SpecState`
+   with the request's sampling settings on the request (`req.dllm_algo_state`);
+2. the prompt (after a retraction: prompt + committed output) goes through one causal EXTEND
+   forward, which writes its KV; its last logits give the *seed*, the next token, kept on the
+   request's `SpecState`, not yet in `req.output_ids` (its KV does not exist yet);
+3. every round is one DLLM_EXTEND batch of `block_size` slots per request, right after the
+   committed tokens, run twice in place:
+   - draft: [seed, MASK, ..., MASK] block-bidirectionally over the cached context; every mask is
+     filled by argmax with the token shift (d_j = argmax logits[j-1]);
+   - verify: [seed, d_1, ..., d_{B-1}] causally (same slots: its KV overwrites the draft's);
+     v_j = the token chosen from logits[j-1] (argmax, or a sample from the request's own
+     generator);
+   - k = `accept_longest_prefix(d, v[:, :B-1], draft_len)` (the function the reference decoder
+     uses, vectorised over the batch, on device); the round commits [seed, d_1..d_k] (k + 1
+     tokens whose causal KV the verify pass wrote) and v_{k+1} is the next seed.
+   One host sync per round: the packed accept lengths, next seeds and block ids.
+
+Shapes never change: a block of `block_size` per request, whatever its context length, accepted
+length or remaining budget (a short budget only caps k through `draft_len`); the inputs are
+rewritten in place in `forward_batch.input_ids`, which SGLang's runners copy into their static
+buffers on every forward. The verify pass is causal through `model.causal_pass()`. Because a
+captured CUDA graph would freeze one attention mode, the decode CUDA graph is disabled for this
+algorithm (`configure_server_args`); a second, causal capture is what graphs would need.
+
+Sampling (temperature > 0): the draft stays argmax; the verify tokens of the first
+min(block_size, budget) positions are drawn with `decoding.sampling.sample_tokens` from the
+request's distribution (temperature / top-k / top-p) and a per-request `torch.Generator` seeded
+with the request's `sampling_seed` (OpenAI `seed`); a token is accepted while the draft equals the
+verify sample, so every emitted token is an AR sample given the accepted prefix. Each request's
+generator is consumed exactly as the reference decoder consumes its own, so the same seed gives
+the same output whatever else is in the batch.
+
+Per-request state lives on the request; this object holds configuration only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+from sglang.srt.dllm.algorithm.base import DllmAlgorithm
+from sglang.srt.dllm.config import DllmConfig
+
+from fast_dvlm_sglang.config import ARCHITECTURE
+from fast_dvlm_sglang.decoding.sampling import SamplingParams, sample_tokens
+from fast_dvlm_sglang.decoding.spec import accept_longest_prefix
+
+from . import SPEC_ALGORITHM_NAME as ALGORITHM_NAME
+from .model import causal_pass, set_extend_mrope_positions
+
+UNLIMITED = 1 << 30
+
+
+@dataclass(frozen=True)
+class SpecState:
+    """What one request carries between forwards (`req.dllm_algo_state`)."""
+
+    seed: int | None = None  # next token: known, not committed; its KV is written by the next verify
+    budget: int = UNLIMITED  # most tokens the next round may commit (max_new_tokens - len(output))
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: whole vocabulary
+    sampling_seed: int | None = None
+    generator: torch.Generator | None = field(default=None, compare=False, repr=False)
+    rounds: int = 0  # draft/verify rounds run so far
+    nfe: int = 0  # forwards run for this request (context passes + 2 per round)
+
+    @classmethod
+    def from_request(cls, sampling_params) -> SpecState:
+        """SGLang's normalised sampling params: temperature 0 arrives as top_k == 1."""
+        top_k = int(sampling_params.top_k)
+        if top_k == 1 or sampling_params.temperature <= 0:
+            return cls(sampling_seed=sampling_params.sampling_seed)
+        return cls(temperature=float(sampling_params.temperature), top_p=float(sampling_params.top_p),
+                   top_k=0 if top_k < 0 or top_k >= UNLIMITED else top_k,
+                   sampling_seed=sampling_params.sampling_seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def params(self, vocab_size: int) -> SamplingParams:
+        top_k = self.top_k if 0 < self.top_k < vocab_size else 0
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=top_k)
+
+    def with_generator(self, device) -> SpecState:
+        if self.greedy or self.generator is not None:
+            return self
+        gen = torch.Generator(device=device)
+        gen.manual_seed(self.sampling_seed if self.sampling_seed is not None else torch.seed())
+        return dataclasses.replace(self, generator=gen)
+
+
+def choose_tokens(logits: torch.Tensor, states: list[SpecState], lengths: list[int]) -> torch.Tensor:
+    """Tokens [bs, L] for logits [bs, L, V]: argmax, then for each sampling row a draw for its
+    first `lengths[i]` positions from its own generator (positions after stay argmax, unused)."""
+    tokens = logits.argmax(dim=-1)
+    for i, state in enumerate(states):
+        if not state.greedy:
+            n = lengths[i]
+            tokens[i, :n] = sample_tokens(logits[i, :n], state.params(logits.shape[-1]), state.generator)[0]
+    return tokens
+
+
+class FastDVLMSpeculative(DllmAlgorithm):
+    supported_architectures = (ARCHITECTURE,)
+    requires_separate_context_encoding = True
+
+    def __init__(self, config: DllmConfig):
+        super().__init__(config)
+        if self.block_size < 2:
+            raise ValueError(f"{ALGORITHM_NAME} needs block_size >= 2, got {self.block_size}")
+
+    @classmethod
+    def configure_server_args(cls, server_args) -> None:
+        cfg = resolving_view(server_args)
+        if not cfg.dllm_fdfo:
+            raise ValueError(f"{cls.__name__} carries per-request state between rounds: remove --no-dllm-fdfo")
+        # The seed comes from the causal pass over the whole context: a cached prefix or a chunked
+        # context pass would lose it, so the radix cache and chunked prefill are off.
+        declare_resolution(server_args, cls.__name__, disable_radix_cache=True, chunked_prefill_size=-1)
+        from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
+
+        graphs = cfg.cuda_graph_config  # resolved before the dLLM hook (arg_groups/pipeline.py)
+        if graphs is not None and graphs.decode.backend != Backend.DISABLED:
+            # One captured DLLM_EXTEND graph freezes one attention mode; verify must be causal.
+            declare_resolution(server_args, cls.__name__, cuda_graph_config=with_phase(
+                graphs, Phase.DECODE, backend=Backend.DISABLED))
+
+    @classmethod
+    def validate_request(cls, req) -> str | None:
+        """Refuse what the draft/verify sampler cannot honour; attach the request's `SpecState`."""
+        sp = req.sampling_params
+        refused = []
+        if sp.json_schema or sp.regex or sp.ebnf or sp.structural_tag:
+            refused.append("constrained decoding (json_schema / regex / ebnf / structural_tag)")
+        if sp.frequency_penalty or sp.presence_penalty or sp.repetition_penalty != 1.0:
+            refused.append("frequency / presence / repetition penalties")
+        if sp.min_p:
+            refused.append("min_p")
+        if sp.logit_bias:
+            refused.append("logit_bias")
+        if sp.min_new_tokens:
+            refused.append("min_new_tokens")
+        if getattr(sp, "beam_width", None) is not None:
+            refused.append("beam search")
+        if req.return_logprob:
+            refused.append("logprobs")
+        if getattr(req, "custom_logit_processor", None):
+            refused.append("custom logit processors")
+        if refused:
+            return f"{ALGORITHM_NAME} does not support {', '.join(refused)}"
+        if not isinstance(req.dllm_algo_state, SpecState):
+            req.dllm_algo_state = SpecState.from_request(sp)
+        return None
+
+    # ---- SGLang entry point ----------------------------------------------------------------
+    def run(self, model_runner, forward_batch, algo_states=None):
+        if not forward_batch.forward_mode.is_dllm_extend():
+            return self._context_pass(model_runner, forward_batch, algo_states)
+        if algo_states is None or any(not isinstance(s, SpecState) or s.seed is None for s in algo_states):
+            raise RuntimeError(
+                f"{ALGORITHM_NAME}: a round started without the seed of its causal context pass "
+                "(is the fast_dvlm plugin's speculative scheduler hook loaded?)"
+            )
+        return self._round(model_runner, forward_batch, algo_states)
+
+    def _context_pass(self, model_runner, forward_batch, algo_states):
+        if forward_batch.input_ids.numel() == 0:
+            return None, [], None, None, False
+        set_extend_mrope_positions(forward_batch)
+        out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
+        logits = out.logits_output.next_token_logits  # [bs, V]: the last position of each context
+        bs = logits.shape[0]
+        # No state: a request SGLang is aborting (it still runs one tiny prefill); greedy is fine.
+        states = [s if isinstance(s, SpecState) else SpecState() for s in (algo_states or [None] * bs)]
+        states = [s.with_generator(logits.device) for s in states]
+        seeds = choose_tokens(logits[:, None], states, [1] * bs)[:, 0].tolist()  # the one host sync
+        states = [dataclasses.replace(s, seed=int(t), nfe=s.nfe + 1) for s, t in zip(states, seeds)]
+        return out.logits_output, [], None, states, out.can_run_graph
+
+    def _round(self, model_runner, forward_batch, states: list[SpecState]):
+        bs, size = forward_batch.batch_size, self.block_size
+        ids = forward_batch.input_ids.view(bs, size)
+        host = torch.tensor([[s.seed, min(max(s.budget, 1), size)] for s in states], dtype=torch.long)
+        meta = host.to(ids.device, non_blocking=True)
+        lengths = host[:, 1].tolist()  # tokens this round may commit (host values, no device sync)
+        set_extend_mrope_positions(forward_batch)
+
+        # Draft: [seed, MASK...] block-bidirectional; d_j = argmax(logits[j-1]) (token shift).
+        ids[:, 0].copy_(meta[:, 0])
+        ids[:, 1:].fill_(self.mask_id)
+        out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
+        draft = out.logits_output.full_logits.view(bs, size, -1)[:, :-1].argmax(dim=-1)
+        ids[:, 1:].copy_(draft)
+
+        # Verify: [seed, d_1..d_{B-1}] causal; writes the KV kept for the committed tokens.
+        with causal_pass():
+            out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
+        verify = choose_tokens(out.logits_output.full_logits.view(bs, size, -1), states, lengths)
+
+        # Accept d_1..d_k with k < lengths (the seed is committed too), then v_{k+1} seeds.
+        accepted = accept_longest_prefix(draft, verify[:, :-1], meta[:, 1] - 1)
+        next_seed = verify.gather(1, accepted[:, None])
+        packed = torch.cat([accepted[:, None], next_seed, ids.long()], dim=1).tolist()  # the sync
+
+        commits, states_out = [], []
+        for state, row in zip(states, packed):
+            k = int(row[0])
+            commits.append(row[2:3 + k])  # seed, d_1..d_k
+            states_out.append(dataclasses.replace(state, seed=int(row[1]), rounds=state.rounds + 1,
+                                                  nfe=state.nfe + 2))
+        return out.logits_output, commits, [len(c) for c in commits], states_out, out.can_run_graph
+
+    # Unused by `run` (kept for SGLang's base-class contract).
+    def step(self, forward_batch, full_logits: torch.Tensor, states: list[Any]) -> list[bool]:
+        raise NotImplementedError(f"{ALGORITHM_NAME} runs its own draft/verify round in run()")
+
+
+Algorithm = FastDVLMSpeculative

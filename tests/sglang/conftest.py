@@ -1,0 +1,63 @@
+"""Fixtures for the SGLang tests: tiny checkpoints (both key layouts) and live servers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sglang")
+
+
+def _tokenizer():
+    """The tiny tokenizer; its added special tokens are listed explicitly (transformers 5.19's
+    `all_special_tokens` no longer includes them, which `make_tiny_checkpoint` relies on)."""
+    from fast_dvlm_sglang import tiny
+
+    try:
+        tok = tiny.tokenizer_for_tiny()
+    except ImportError:  # demo corpus not there yet
+        from fast_dvlm_sglang.tokenizer import train_tokenizer
+
+        corpus = ["a red circle on the left", "the blue square is big", "What shape is in the image?",
+                  "There is a green triangle at the top right of the picture."] * 50
+        tok = train_tokenizer(corpus, vocab_size=400)
+    cls = type(tok)
+    tok.__class__ = type(cls.__name__, (cls,), {
+        "all_special_tokens": property(lambda s: sorted(set(cls.all_special_tokens.fget(s)) | set(s.get_added_vocab())))
+    })
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    from fast_dvlm_sglang.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = _tokenizer()
+    return {
+        "new": make_tiny_checkpoint(root / "new", seed=0, layout="new", tokenizer=tok),
+        "old": make_tiny_checkpoint(root / "old", seed=1, layout="old", tie_word_embeddings=False, tokenizer=tok),
+    }
+
+
+
+
+# ---- FastDVLMSpeculative servers (shared by tests/sglang/test_spec_*.py) -------------------------
+SPEC_MAX_RUNNING = 16
+
+
+@pytest.fixture(scope="session")
+def spec_server_tiny(tiny_checkpoints, tmp_path_factory):
+    """`fast-dvlm serve --algorithm spec` on the tiny random model (tied embeddings, new layout),
+    16 concurrent requests, KV page size 4 (exercises paged rollback), /metrics on."""
+    from sglang_helpers import Server
+
+    log = tmp_path_factory.mktemp("spec_logs") / "spec_tiny.log"
+    server = Server(tiny_checkpoints["new"], "spec", None, SPEC_MAX_RUNNING, log,
+                    sglang_args=["--page-size", "4", "--enable-metrics"])
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,572 @@
+"""FastDVLMSpeculative's round and scheduler step on real SGLang objects, without a model.
+
+The harness drives SGLang's own dLLM request lifecycle (`Req.init_next_round_input`,
+`ScheduleBatch.prepare_for_extend` allocating from a real `ReqToTokenPool` and a real
+`TokenToKVPoolAllocator` / `PagedTokenToKVPoolAllocator`, `SchedulerDllmMixin`'s hooked
+`process_batch_result_dllm` / `finish_dllm_forward` / `_finish_dllm_request_if_needed`,
+SGLang's `release_kv_cache`) around our algorithm's `run()`. What it stands in for: the model (a
+Markov "language model" whose causal logits are the AR truth and whose bidirectional draft is
+right most of the time) and the PrefillAdder's `extend_end` choice (copied from
+`schedule_policy.PrefillAdder` for the dLLM paths).
+
+After every step: each live request's KV lengths equal its committed length, the pages it owns
+are not in the free list, the free list has no duplicates, and free + owned == pool size. At the
+end every request's output equals the AR oracle and the pool is back to its initial free count.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("sglang")
+pytestmark = pytest.mark.sglang
+
+import torch  # noqa: E402
+
+V = 64  # fake vocabulary
+MASK = 63
+POOL_TOKENS = 1024
+
+
+@pytest.fixture(scope="module")
+def sgl(tiny_checkpoints):
+    """Load the plugin (hooks) and publish a runtime context, once per process."""
+    from sglang.srt import runtime_context as rc
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import ServerArgs
+
+    load_plugins()
+    try:
+        published = rc.get_context().server_args is not None
+    except ValueError:  # "Global server args is not set yet!"
+        published = False
+    if not published:
+        sa = ServerArgs(model_path=str(tiny_checkpoints["new"]), device="cpu", attention_backend="torch_native",
+                        sampling_backend="pytorch", dtype="float32", disable_cuda_graph=True,
+                        dllm_algorithm="FastDVLMSpeculative")
+        rc.publish(sa, role="scheduler", ranks=rc.SpawnRanks(world_rank=0))
+    return True
+
+
+# ---- the fake model ------------------------------------------------------------------------------
+def nxt(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """AR truth: the token after `tok` at position `pos` (never the mask id)."""
+    return (tok * 5 + pos * 3 + 1) % (V - 1)
+
+
+def oracle(prompt: list[int], n: int, eos: set[int]) -> list[int]:
+    out, tok, pos = [], prompt[-1], len(prompt) - 1
+    while len(out) < n:
+        tok = int(nxt(torch.tensor(tok), torch.tensor(pos)))
+        pos += 1
+        out.append(tok)
+        if tok in eos:
+            break
+    return out
+
+
+class FakeRunner:
+    """`model_runner.forward` of a Markov LM: causal logits are the AR truth; the bidirectional
+    draft chains the truth from the seed, wrong where a hash of (seed, position) says so."""
+
+    def __init__(self, wrong_every: int = 5):
+        self.wrong_every = wrong_every
+        self.calls: list[tuple] = []
+
+    def forward(self, fb, pp_proxy_tensors=None):
+        from fast_dvlm_sglang.sglang_plugin.model import _CAUSAL_PASS
+
+        causal = _CAUSAL_PASS.get()
+        ids, pos = fb.input_ids.clone().long(), fb.positions.long()
+        self.calls.append((fb.forward_mode.is_dllm_extend(), causal, tuple(fb.input_ids.shape), ids))
+        if not fb.forward_mode.is_dllm_extend():
+            ends = torch.cumsum(fb.extend_seq_lens, 0) - 1
+            logits = torch.nn.functional.one_hot(nxt(ids[ends], pos[ends]), V).float() * 10
+            return SimpleNamespace(logits_output=SimpleNamespace(next_token_logits=logits), can_run_graph=False)
+        bs = fb.batch_size
+        ids, pos = ids.view(bs, -1), pos.view(bs, -1)
+        if causal:
+            tgt = nxt(ids, pos)
+        else:
+            tgt = torch.empty_like(ids)
+            prev = ids[:, 0]
+            for j in range(ids.shape[1]):
+                true = nxt(prev, pos[:, j])
+                wrong = (ids[:, 0] * 131 + pos[:, j] * 31) % self.wrong_every == 0
+                tgt[:, j] = torch.where(wrong, (true + 1) % (V - 1), true)
+                prev = true
+        logits = torch.nn.functional.one_hot(tgt, V).float().view(bs * ids.shape[1], V) * 10
+        return SimpleNamespace(logits_output=SimpleNamespace(full_logits=logits), can_run_graph=False)
+
+
+# ---- the harness -----------------------------------------------------------------------------------
+class _Recorder:
+    def __init__(self):
+        self.streamed: list[list[str]] = []
+        self.num_generated_tokens = 0
+
+    def stream_output(self, reqs, return_logprob, *args, **kwargs):
+        self.streamed.append([r.rid for r in reqs])
+
+    def report_prefill_stats(self, **kwargs):
+        pass
+
+
+class Harness:
+    def __init__(self, page_size: int, block_size: int = 8, context_chunk: int | None = None,
+                 wrong_every: int = 5):
+        from sglang.srt.disaggregation.utils import DisaggregationMode
+        from sglang.srt.dllm.config import DllmConfig
+        from sglang.srt.dllm.mixin.scheduler import SchedulerDllmMixin
+        from sglang.srt.managers.scheduler import Scheduler
+        from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
+        from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+        from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+        from sglang.srt.mem_cache.unified_cache.components import ComponentType
+        from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+        from fast_dvlm_sglang.sglang_plugin.speculative import FastDVLMSpeculative
+
+        self.page_size, self.block_size, self.context_chunk = page_size, block_size, context_chunk
+        self.dllm_config = DllmConfig("FastDVLMSpeculative", {}, block_size, MASK, 16, first_done_first_out_mode=True,
+                                      requires_separate_context_encoding=True)
+        self.pool = ReqToTokenPool(size=16, max_context_len=256, device="cpu", enable_memory_saver=False)
+        os.environ["SGLANG_DEBUG_MEMORY_POOL"] = "1"  # paged allocator: assert no duplicate pages
+        try:
+            if page_size == 1:
+                self.alloc = TokenToKVPoolAllocator(POOL_TOKENS, torch.float32, "cpu", None, need_sort=False)
+            else:
+                self.alloc = PagedTokenToKVPoolAllocator(POOL_TOKENS, page_size, torch.float32, "cpu", None,
+                                                         need_sort=False)
+        finally:
+            os.environ.pop("SGLANG_DEBUG_MEMORY_POOL", None)
+        self.tree = UnifiedRadixCache(params=CacheInitParams(
+            disable=True, req_to_token_pool=self.pool, token_to_kv_pool_allocator=self.alloc, page_size=page_size,
+            tree_components=(ComponentType.FULL,)))
+        self.initial_free = self.alloc.available_size()
+        self.model_config = SimpleNamespace(vocab_size=V, is_encoder_decoder=False, context_len=256,
+                                            hf_text_config=SimpleNamespace())
+        harness = self
+
+        class FakeScheduler(SchedulerDllmMixin):  # SGLang's dLLM scheduler methods, hooked
+            stash_chunked_request = Scheduler.stash_chunked_request
+
+            def __init__(self):
+                self.dllm_config = harness.dllm_config
+                self.req_to_token_pool = harness.pool
+                self.token_to_kv_pool_allocator = harness.alloc
+                self.tree_cache = harness.tree
+                self.model_config = harness.model_config
+                self.metrics_reporter = _Recorder()
+                self.output_streamer = _Recorder()
+                self.disaggregation_mode = DisaggregationMode.NULL
+
+        self.sched = FakeScheduler()
+        self.algo = FastDVLMSpeculative(self.dllm_config)
+        self.runner = FakeRunner(wrong_every)
+        self.reqs: list = []  # live: in the dLLM manager's queues
+        self.staging: list = []  # ran in the last batch
+        self.done: list = []
+        self.freed_by_round: list[int] = []
+
+    # -- requests --
+    def add(self, prompt: list[int], max_new_tokens: int, eos: set[int] = frozenset(), rid: str | None = None,
+            stop: list[str] | None = None, tokenizer=None, **sampling):
+        from sglang.srt.managers.schedule_batch import Req
+        from sglang.srt.sampling.sampling_params import SamplingParams
+
+        sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop=stop, **sampling)
+        sp.normalize(tokenizer)
+        req = Req(rid or f"r{len(self.reqs) + len(self.done)}", "", array("q", prompt), sp,
+                  dllm_config=self.dllm_config, eos_token_ids=set(eos), vocab_size=V)
+        req.tokenizer = tokenizer
+        assert self.algo.validate_request(req) is None
+        self.reqs.append(req)
+        return req
+
+    def abort(self, req):
+        """What `Scheduler.abort_request` does to a dLLM request between rounds."""
+        from sglang.srt.mem_cache.common import release_kv_cache
+
+        self.reqs.remove(req)
+        if req in self.staging:
+            self.staging.remove(req)
+        if req.kv.holds_kv:
+            release_kv_cache(req, self.tree, checkpoint=False)
+        self.done.append(req)
+
+    # -- one scheduler iteration --
+    def step(self) -> str | None:
+        from sglang.srt.dllm.mixin.req import DllmReqPhase
+        from sglang.srt.managers.schedule_batch import ScheduleBatch
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+        from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+        for req in [r for r in self.reqs if r.finished()]:  # DllmManager.filter_finished_reqs
+            self.reqs.remove(req)
+            self.done.append(req)
+        self.staging = [r for r in self.staging if not r.finished()]
+        for req in self.staging:  # get_next_batch_to_run -> finish_dllm_forward
+            self.sched.finish_dllm_forward(req)
+        for req in self.staging:  # DllmManager.init_next_round
+            req.init_next_round_input()
+        if not self.reqs:
+            return None
+        prefill = [r for r in self.reqs if r.is_dllm_prefill()]
+        batch_reqs = prefill or list(self.reqs)
+        for req in batch_reqs:
+            if req.dllm_phase in (DllmReqPhase.INCOMING_PREFILL, DllmReqPhase.INCOMING_DECODE):
+                req.init_next_round_input(self.tree)  # process_dllm_incoming_reqs
+            if prefill:  # PrefillAdder: the context (or one chunk of it)
+                remaining = req.dllm_block_offset - req.prefix_len
+                req.extend_end = req.prefix_len + min(remaining, self.context_chunk or remaining)
+            else:  # PrefillAdder.add_dllm_staging_req: one whole block
+                assert len(req.full_untruncated_fill_ids) == req.prefix_len + self.block_size
+                req.extend_end = req.prefix_len + self.block_size
+        batch = ScheduleBatch.init_new(batch_reqs, self.pool, self.alloc, self.tree, self.model_config, False,
+                                       SpeculativeAlgorithm.NONE, dllm_config=self.dllm_config)
+        batch.prepare_for_extend()
+        mode = ForwardMode.EXTEND if prefill else ForwardMode.DLLM_EXTEND
+        batch.forward_mode = mode
+        batch.prefill_stats = None
+        if prefill:
+            positions = torch.cat([torch.arange(r.prefix_len, r.extend_end) for r in batch_reqs])
+        else:
+            positions = torch.cat([torch.arange(r.dllm_block_offset, r.dllm_block_offset + self.block_size)
+                                   for r in batch_reqs])
+        fb = SimpleNamespace(input_ids=batch.prefill_input_ids_cpu.clone(), positions=positions, forward_mode=mode,
+                             batch_size=len(batch_reqs), sampling_info=None, mrope_positions=None,
+                             extend_seq_lens=torch.tensor([r.extend_len for r in batch_reqs]))
+        free_before = self.alloc.available_size()
+        _, next_ids, accept, states, graph = self.algo.run(self.runner, fb, [r.dllm_algo_state for r in batch_reqs])
+        result = SimpleNamespace(copy_done=None, next_token_ids=next_ids, accept_length_per_req_cpu=accept,
+                                 dllm_algo_state=states, can_run_cuda_graph=graph)
+        self.sched.process_batch_result_dllm(batch, result)
+        if not prefill:
+            self.freed_by_round.append(self.alloc.available_size() - free_before)
+        self.staging = list(batch_reqs)
+        self.check_invariants()
+        return "context" if prefill else "round"
+
+    def run(self, max_steps: int = 10_000, between=None):
+        for i in range(max_steps):
+            if between is not None:
+                between(self, i)
+            if self.step() is None:
+                return
+        raise AssertionError("requests never finished")
+
+    # -- invariants --
+    def owned_pages(self, req) -> torch.Tensor:
+        n = req.kv.kv_allocated_len
+        return torch.unique(self.pool.req_to_token[req.kv.req_pool_idx, :n].long() // self.page_size)
+
+    def check_invariants(self):
+        free = self.alloc.get_all_free_pages().long()
+        assert torch.unique(free).numel() == free.numel(), "double free"
+        owned_total = 0
+        for req in self.reqs:
+            if not req.kv.holds_kv:
+                continue
+            pages = self.owned_pages(req)
+            assert not torch.isin(pages, free).any(), f"{req.rid}: owns a page in the free list"
+            owned_total += pages.numel() * self.page_size
+            if not req.is_dllm_prefill() and req.dllm_algo_state is not None and req.dllm_algo_state.seed is not None:
+                kv = req.kv
+                assert kv.kv_committed_len == kv.kv_allocated_len == req.extend_end == req.seqlen, req.rid
+        assert self.alloc.available_size() + owned_total == self.initial_free
+
+
+def _ids(req) -> list[int]:
+    return list(req.output_ids_through_stop)
+
+
+# ---- tests ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_round_commits_prefix_and_releases_exact_slots(sgl, page_size):
+    """One request, block 8: each round commits seed + accepted drafts, keeps the prefix slots,
+    frees exactly the whole pages after the committed end, and the next block starts there."""
+    h = Harness(page_size)
+    prompt = [5, 9, 17, 33, 2, 40, 8]
+    req = h.add(prompt, max_new_tokens=40)
+    assert h.step() == "context"
+    assert req.dllm_algo_state.seed == oracle(prompt, 1, set())[0] and req.output_ids == array("q")
+    while not req.finished():
+        before_len = req.seqlen
+        prefix_slots = h.pool.req_to_token[req.kv.req_pool_idx, :before_len].clone()
+        available_before = h.alloc.available_size()
+        assert h.step() == "round"
+        n = req.seqlen - before_len if not req.finished() else len(req.output_ids) - (before_len - len(prompt))
+        assert 1 <= n <= h.block_size
+        if req.finished():
+            break
+        # the committed prefix kept its slots; the block's slots after ceil(keep) are free again
+        assert torch.equal(h.pool.req_to_token[req.kv.req_pool_idx, :before_len], prefix_slots)
+        keep = req.seqlen
+        assert req.dllm_block_offset == req.extend_end == keep == req.kv.kv_allocated_len
+        block = h.pool.req_to_token[req.kv.req_pool_idx, before_len:before_len + h.block_size].long()
+        kept_pages = set((h.pool.req_to_token[req.kv.req_pool_idx, :keep].long() // page_size).tolist())
+        block_pages = set((block // page_size).tolist())
+        free_now = set(h.alloc.get_all_free_pages().tolist())
+        assert block_pages - kept_pages <= free_now and not kept_pages & free_now
+        pages = lambda n: -(-n // page_size)  # noqa: E731
+        assert available_before - h.alloc.available_size() == (pages(keep) - pages(before_len)) * page_size
+    assert _ids(req) == oracle(prompt, 40, set())
+    assert not req.kv.holds_kv and h.alloc.available_size() == h.initial_free
+    rounds = req.customized_info["dllm_spec_round"]
+    assert rounds[0] == 1 and rounds == sorted(rounds) and len(rounds) == 40
+    assert req.customized_info["dllm_nfe"] == [1 + 2 * r for r in rounds]
+    assert sum(1 for _, causal, *_ in h.runner.calls if causal) == rounds[-1]  # one verify per round
+    assert max(rounds.count(r) for r in set(rounds)) > 1  # some drafts were accepted
+
+
+def test_round_forwards_are_static_draft_then_causal_verify(sgl):
+    """Per round: exactly one bidirectional draft over [seed, MASK...] and one causal verify over
+    [seed, drafts...], both of shape [bs * block_size], for requests at different offsets."""
+    h = Harness(1)
+    for plen, n in ((3, 20), (11, 5), (6, 13)):
+        h.add(list(range(1, plen + 1)), max_new_tokens=n)
+    h.run()
+    rounds = [c for c in h.runner.calls if c[0]]
+    assert len(rounds) % 2 == 0
+    for draft, verify in zip(rounds[::2], rounds[1::2]):
+        assert not draft[1] and verify[1]
+        assert draft[2] == verify[2] and draft[2][0] % h.block_size == 0
+        d, v = draft[3].view(-1, h.block_size), verify[3].view(-1, h.block_size)
+        assert (d[:, 1:] == MASK).all() and torch.equal(d[:, 0], v[:, 0]) and not (v[:, 1:] == MASK).any()
+    for req in h.done:
+        assert _ids(req) == oracle(list(req.origin_input_ids), req.sampling_params.max_new_tokens, set())
+
+
+def test_budget_caps_commits_and_sets_length_finish(sgl):
+    """A round never commits past max_new_tokens; the state's budget follows the output."""
+    from sglang.srt.managers.schedule_batch import FINISH_LENGTH
+
+    h = Harness(1, wrong_every=10_000)  # drafts always right: every round wants a full block
+    req = h.add([1, 2, 3], max_new_tokens=5)
+    h.step()
+    assert req.dllm_algo_state.budget == 5
+    h.step()
+    assert req.finished() and isinstance(req.finished_reason, FINISH_LENGTH)
+    assert _ids(req) == oracle([1, 2, 3], 5, set()) and len(req.output_ids) == 5
+    assert h.alloc.available_size() == h.initial_free
+
+    req = h.add([4, 5], max_new_tokens=19)
+    h.step()
+    h.step()
+    assert len(req.output_ids) == 8 and req.dllm_algo_state.budget == 11
+    h.run()
+    assert _ids(req) == oracle([4, 5], 19, set()) and h.alloc.available_size() == h.initial_free
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_eos_inside_accepted_prefix_ends_request_there(sgl, page_size):
+    """An EOS among the accepted drafts finishes the request at the EOS (later accepted tokens are
+    not output) and SGLang's release returns every slot, the overshoot included."""
+    from sglang.srt.managers.schedule_batch import FINISH_MATCHED_TOKEN
+
+    prompt = [7, 3, 12]
+    truth = oracle(prompt, 40, set())
+    h = Harness(page_size, wrong_every=10_000)  # full blocks accepted: the EOS lands mid-round
+    eos = truth[4]
+    assert eos not in truth[:4]
+    req = h.add(prompt, max_new_tokens=40, eos={eos})
+    other = h.add([1, 1, 2], max_new_tokens=12)
+    h.run()
+    assert isinstance(req.finished_reason, FINISH_MATCHED_TOKEN)
+    assert _ids(req) == truth[:5] and len(req.output_ids) > 5  # committed past it, reported up to it
+    assert req.customized_info["dllm_spec_round"][:5] == [1] * 5
+    assert _ids(other) == oracle([1, 1, 2], 12, set())
+    assert h.alloc.available_size() == h.initial_free
+
+
+def test_stop_string_inside_accepted_prefix(sgl):
+    """SGLang's stop-string check runs over the whole accepted run (new_accepted_len = n)."""
+    from sglang.srt.managers.schedule_batch import FINISH_MATCHED_STR
+
+    class Tok:  # each id decodes to one letter
+        eos_token_id = None
+        additional_stop_token_ids = None
+
+        def decode(self, ids, **kw):
+            return "".join(chr(97 + int(i) % 26) for i in ids)
+
+        def encode(self, text, **kw):
+            return [ord(c) - 97 for c in text]
+
+    prompt = [7, 3, 12]
+    truth = oracle(prompt, 30, set())
+    stop = Tok().decode(truth[3:5])
+    first = Tok().decode(truth).find(stop)
+    h = Harness(1, wrong_every=10_000)
+    req = h.add(prompt, max_new_tokens=30, stop=[stop], tokenizer=Tok())
+    h.run()
+    assert isinstance(req.finished_reason, FINISH_MATCHED_STR)
+    assert _ids(req) == truth[:first + len(stop)]
+    assert h.alloc.available_size() == h.initial_free
+
+
+def test_abort_between_rounds_and_finish_mid_batch(sgl):
+    """Aborting one request between rounds releases its KV through SGLang's release path; a
+    request finishing inside a batched round releases its KV while the others keep theirs."""
+    h = Harness(4)
+    a = h.add([1, 2, 3, 4, 5], max_new_tokens=9)
+    b = h.add([9, 8, 7], max_new_tokens=60)
+    c = h.add([3, 3], max_new_tokens=60)
+    h.step()
+    h.step()
+    assert all(r.kv.holds_kv for r in (a, b, c))
+    held_b = h.owned_pages(b).numel() * h.page_size
+    free = h.alloc.available_size()
+    h.abort(b)
+    assert not b.kv.holds_kv and h.alloc.available_size() == free + held_b
+    h.check_invariants()
+    while not a.finished():
+        h.step()
+    assert not a.kv.holds_kv and c.kv.holds_kv and not c.finished()
+    h.check_invariants()
+    h.run()
+    assert _ids(a) == oracle([1, 2, 3, 4, 5], 9, set()) and _ids(c) == oracle([3, 3], 60, set())
+    assert h.alloc.available_size() == h.initial_free
+    assert len(h.pool.free_slots) == h.pool.size
+
+
+def test_chunked_context_pass_takes_the_seed_of_the_last_chunk(sgl):
+    h = Harness(2, context_chunk=3)
+    prompt = list(range(10, 21))
+    req = h.add(prompt, max_new_tokens=12)
+    kinds = [h.step() for _ in range(4)]
+    assert kinds == ["context"] * 4 and req.dllm_algo_state.seed == oracle(prompt, 1, set())[0]
+    h.run()
+    assert _ids(req) == oracle(prompt, 12, set()) and h.alloc.available_size() == h.initial_free
+
+
+def test_retracted_request_reencodes_its_output(sgl):
+    """After its KV is released (retraction), the request's next context pass covers prompt +
+    committed output and decoding continues exactly; its SpecState counters carry over."""
+    from sglang.srt.dllm.mixin.req import DllmReqPhase
+    from sglang.srt.mem_cache.common import release_kv_cache
+
+    h = Harness(4)
+    prompt = [2, 4, 6, 8]
+    req = h.add(prompt, max_new_tokens=30)
+    for _ in range(3):
+        h.step()
+    rounds = req.dllm_algo_state.rounds
+    assert rounds == 2 and len(req.output_ids) > 0
+    release_kv_cache(req, h.tree, checkpoint=False)
+    req.reset_for_retract()
+    req.dllm_phase = DllmReqPhase.INCOMING_PREFILL  # back in the waiting queue, like a new request
+    h.staging.remove(req)
+    assert h.step() == "context"
+    assert req.dllm_block_offset == len(prompt) + len(req.output_ids) and req.dllm_algo_state.rounds == rounds
+    h.run()
+    assert _ids(req) == oracle(prompt, 30, set()) and h.alloc.available_size() == h.initial_free
+    nfe = req.customized_info["dllm_nfe"]
+    assert nfe[-1] == 2 + 2 * req.customized_info["dllm_spec_round"][-1]  # two context passes
+
+
+def test_aborting_request_finishes_at_its_context_pass(sgl):
+    """A request SGLang marked `to_finish` (aborted while queued) ends at its context pass."""
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    h = Harness(1)
+    req = h.add([1, 2, 3], max_new_tokens=10)
+    req.to_finish = FINISH_ABORT("test")
+    h.run()
+    assert isinstance(req.finished_reason, FINISH_ABORT) and len(req.output_ids) == 0
+    assert h.sched.output_streamer.streamed == [[req.rid]] and h.alloc.available_size() == h.initial_free
+
+
+def test_validate_request_refuses_unsupported_features(sgl):
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from fast_dvlm_sglang.sglang_plugin.speculative import FastDVLMSpeculative, SpecState
+
+    def req(**kw):
+        sp = SamplingParams(max_new_tokens=4, **kw)
+        sp.normalize(None)
+        return Req("x", "", array("q", [1]), sp)
+
+    for kw in ({"json_schema": "{}"}, {"frequency_penalty": 0.5}, {"min_p": 0.1}, {"logit_bias": {"1": 2.0}}):
+        assert "does not support" in FastDVLMSpeculative.validate_request(req(**kw))
+    r = req(temperature=0.7, top_p=0.9, top_k=20, sampling_seed=3)
+    assert FastDVLMSpeculative.validate_request(r) is None
+    assert r.dllm_algo_state == SpecState(temperature=0.7, top_p=0.9, top_k=20, sampling_seed=3)
+    r = req(temperature=0)
+    FastDVLMSpeculative.validate_request(r)
+    assert r.dllm_algo_state.greedy
+
+
+# ---- property test: random traffic, aborts, chunked contexts, page sizes -------------------------
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    st = None
+
+
+if st is not None:
+
+    @st.composite
+    def traffic(draw):
+        page_size = draw(st.sampled_from([1, 2, 4, 8]))
+        block_size = draw(st.sampled_from([8, 16])) if page_size == 8 else draw(st.sampled_from([4, 8]))
+        n = draw(st.integers(1, 6))
+        reqs = []
+        for _ in range(n):
+            prompt = draw(st.lists(st.integers(0, V - 2), min_size=1, max_size=24))
+            max_new = draw(st.integers(1, 40))
+            eos = draw(st.sets(st.integers(0, V - 2), max_size=2))
+            reqs.append((prompt, max_new, eos))
+        aborts = draw(st.lists(st.tuples(st.integers(0, 30), st.integers(0, n - 1)), max_size=2))
+        chunk = draw(st.one_of(st.none(), st.integers(1, 9)))
+        wrong_every = draw(st.sampled_from([2, 3, 5, 1000]))
+        return page_size, block_size, reqs, aborts, chunk, wrong_every
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(traffic())
+    def test_random_traffic_keeps_the_pool_exact(sgl, case):
+        page_size, block_size, reqs, aborts, chunk, wrong_every = case
+        h = Harness(page_size, block_size=block_size, context_chunk=chunk, wrong_every=wrong_every)
+        made = [h.add(p, m, eos=e) for p, m, e in reqs]
+        aborted = set()
+
+        def between(harness, step):
+            for at, idx in aborts:
+                if at == step and made[idx] in harness.reqs and not made[idx].finished():
+                    harness.abort(made[idx])
+                    aborted.add(idx)
+
+        h.run(between=between)
+        for i, (req, (prompt, max_new, eos)) in enumerate(zip(made, reqs)):
+            truth = oracle(prompt, max_new, eos)
+            if i in aborted:
+                assert truth[: len(_ids(req))] == _ids(req)
+            else:
+                assert _ids(req) == truth, (i, prompt, max_new, eos)
+        assert h.alloc.available_size() == h.initial_free
+        assert len(h.pool.free_slots) == h.pool.size
+        free = h.alloc.get_all_free_pages()
+        assert torch.unique(free).numel() == free.numel() == POOL_TOKENS // page_size
+
+
+def test_configure_server_args_turns_decode_graphs_off(sgl, tiny_checkpoints):
+    """A captured DLLM_EXTEND graph would freeze one attention mode; verify must be causal."""
+    from sglang.srt.model_executor.cuda_graph_config import Backend, default_cuda_graph_config
+    from sglang.srt.server_args import ServerArgs
+
+    from fast_dvlm_sglang.sglang_plugin.speculative import FastDVLMSpeculative
+
+    sa = ServerArgs(model_path=str(tiny_checkpoints["new"]), dllm_algorithm="FastDVLMSpeculative",
+                    cuda_graph_config=default_cuda_graph_config())
+    assert sa.cuda_graph_config.decode.backend != Backend.DISABLED
+    FastDVLMSpeculative.configure_server_args(sa)
+    decided = {k: v for _, fields in sa._resolved_overrides for k, v in fields.items()}
+    assert decided["disable_radix_cache"] is True and decided["chunked_prefill_size"] == -1
+    assert decided["cuda_graph_config"].decode.backend == Backend.DISABLED

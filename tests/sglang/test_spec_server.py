@@ -1,0 +1,232 @@
+"""`fast-dvlm serve --algorithm spec` through the real server and the openai client.
+
+Greedy speculative answers must equal the reference AR greedy answers token for token (compared
+through SGLang's native /generate, which returns output ids) for 16 concurrent requests with
+mixed prompt lengths, images and max_tokens (any max_tokens: a round commits a variable number of
+tokens, so there is no block-size rounding). Also: streaming, the OpenAI chat path, seeded
+sampling, a stop token inside an accepted run, refused features, and the reported tokens/NFE
+(`meta_info["dllm_nfe"]`, `meta_info["dllm_spec_round"]`, see `spec_scheduler.py`).
+
+The tiny model is random (few drafts are accepted); the demo model
+(`fast_dvlm_sglang/demo/checkpoint`, trained with the recipe) is where speculation pays off.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import json
+import time
+
+import pytest
+
+pytest.importorskip("sglang")
+pytestmark = [pytest.mark.sglang, pytest.mark.slow]
+
+from sglang_helpers import Server, generate, image_url  # noqa: E402
+
+from fast_dvlm_sglang.demo import DEMO_CHECKPOINT  # noqa: E402
+
+MAX_TOKENS = [1, 2, 7, 31, 32, 33, 64, 17, 5, 48, 3, 64, 40, 9, 25, 63]  # 16 requests
+SHAPES = ["ellipse", "rectangle"]
+COLORS = ["red", "green", "blue", "black", "yellow", "purple", "orange", "gray"]
+
+
+def _tiny_prompts():
+    """16 conversations: every other one with an image (two sizes), text of varied length."""
+    convs = []
+    for i, n in enumerate(MAX_TOKENS):
+        text = "What shape is in the image?" if i % 4 < 2 else "the blue square is big " * (1 + i % 7)
+        if i % 2 == 0:
+            url = image_url(COLORS[i % 8], SHAPES[i % 3 % 2], size=56 if i % 3 else 112)
+            content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]
+            convs.append(([{"role": "user", "content": content}], url, n))
+        else:
+            convs.append(([{"role": "user", "content": text}], None, n))
+    return convs
+
+
+def _png_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _demo_prompts():
+    from fast_dvlm_sglang.demo import shapes
+
+    convs = []
+    for sample, n in zip(shapes.make_split(4321, len(MAX_TOKENS)), MAX_TOKENS):
+        convs.append((sample.prompt_messages, _png_url(sample.image) if sample.image is not None else None, n))
+    return convs
+
+
+class Reference:
+    """AR greedy answers of the reference PyTorch model (the oracle) and the rendered prompts."""
+
+    def __init__(self, path):
+        from fast_dvlm_sglang.model import FastDVLMForConditionalGeneration
+        from fast_dvlm_sglang.tokenizer import load_processor
+
+        self.model = FastDVLMForConditionalGeneration.from_pretrained(path).eval()
+        self.proc = load_processor(path)
+
+    def text(self, messages) -> str:
+        from fast_dvlm_sglang.processing import render_chat
+
+        return render_chat(self.proc, messages, add_generation_prompt=True)
+
+    def ar(self, messages, max_new_tokens: int) -> list[int]:
+        from fast_dvlm_sglang.decoding import GenerationConfig, Prompt
+        from fast_dvlm_sglang.decoding import generate as ref_generate
+        from fast_dvlm_sglang.processing import encode_chat
+
+        enc = encode_chat(self.proc, messages)
+        out = ref_generate(self.model, Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw),
+                           GenerationConfig(algorithm="ar", max_new_tokens=max_new_tokens))
+        return out.token_ids
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tiny_checkpoints):
+    return Reference(tiny_checkpoints["new"])
+
+
+def _check_metrics(meta: dict, n_tokens: int, block_size: int = 32) -> tuple[int, int]:
+    """The per-token round / NFE channels are consistent; returns (tokens, NFE)."""
+    rounds, nfe = meta["dllm_spec_round"], meta["dllm_nfe"]
+    assert len(rounds) == len(nfe) == n_tokens == meta["completion_tokens"]
+    assert rounds == sorted(rounds) and rounds[0] == 1
+    assert all(f == 1 + 2 * r for r, f in zip(rounds, nfe))  # one context pass, two forwards a round
+    assert max(rounds.count(r) for r in set(rounds)) <= block_size
+    return n_tokens, nfe[-1]
+
+
+def _concurrent_equals_ar(server, ref, convs):
+    """16 concurrent native requests; each answer equals its AR reference. Returns stats."""
+    expected = [ref.ar(msgs, n) for msgs, _, n in convs]
+
+    def one(conv):
+        msgs, url, n = conv
+        return generate(server, ref.text(msgs), image=url, max_new_tokens=n)
+
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(len(convs)) as pool:
+        bodies = list(pool.map(one, convs))
+    seconds = time.perf_counter() - start
+    tokens = nfe = 0
+    for body, want, (_, url, n) in zip(bodies, expected, convs):
+        assert body["output_ids"] == want, (n, url is not None)
+        t, f = _check_metrics(body["meta_info"], len(want))
+        tokens, nfe = tokens + t, nfe + f
+    return {"tokens": tokens, "nfe": nfe, "tokens_per_nfe": tokens / nfe, "seconds": seconds,
+            "tokens_per_s": tokens / seconds}
+
+
+def test_tiny_greedy_equals_ar_for_16_concurrent_requests(spec_server_tiny, tiny_ref):
+    stats = _concurrent_equals_ar(spec_server_tiny, tiny_ref, _tiny_prompts())
+    print(f"\ntiny spec: {json.dumps(stats)}")
+
+
+def test_openai_chat_and_stream_equal_native(spec_server_tiny, tiny_ref):
+    msgs, url, _ = _tiny_prompts()[0]
+    n = 40
+    body = generate(spec_server_tiny, tiny_ref.text(msgs), image=url, max_new_tokens=n)
+    assert body["output_ids"] == tiny_ref.ar(msgs, n)
+    client = spec_server_tiny.client()
+    chat = client.chat.completions.create(model=spec_server_tiny.model, messages=msgs, max_tokens=n, temperature=0)
+    assert chat.choices[0].message.content == body["text"]
+    assert chat.usage.completion_tokens == len(body["output_ids"])
+    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=spec_server_tiny.model, messages=msgs, max_tokens=n, temperature=0, stream=True) if c.choices]
+    assert "".join(parts) == body["text"] and len(parts) > 1
+
+
+def test_native_stream_reports_nfe(spec_server_tiny, tiny_ref):
+    import httpx
+
+    msgs, _, _ = _tiny_prompts()[1]
+    n = 50
+    body = {"text": tiny_ref.text(msgs), "stream": True, "sampling_params": {"max_new_tokens": n, "temperature": 0}}
+    chunks = []
+    with httpx.stream("POST", spec_server_tiny.base_url + "/generate", json=body, timeout=300) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    assert len(chunks) > 1
+    last = chunks[-1]
+    assert last["output_ids"] == tiny_ref.ar(msgs, n)
+    _check_metrics(last["meta_info"], n)
+
+
+def test_stop_token_inside_accepted_run(spec_server_tiny, tiny_ref):
+    """A stop token that the round commits as an accepted draft (not the round's first token)
+    ends the answer right there: output = AR answer up to and including the stop token."""
+    for msgs, url, _ in _tiny_prompts():
+        body = generate(spec_server_tiny, tiny_ref.text(msgs), image=url, max_new_tokens=64)
+        ids, rounds = body["output_ids"], body["meta_info"]["dllm_spec_round"]
+        # an accepted draft: same round as the token before it, and the first time it appears
+        cands = [j for j in range(1, len(ids)) if rounds[j] == rounds[j - 1] and ids[j] not in ids[:j]]
+        if cands:
+            break
+    else:
+        pytest.skip("the random tiny model accepted no draft token on these prompts")
+    j = cands[0]
+    stopped = generate(spec_server_tiny, tiny_ref.text(msgs), image=url, max_new_tokens=64,
+                       stop_token_ids=[ids[j]])
+    assert stopped["output_ids"] == ids[: j + 1]
+    assert stopped["meta_info"]["finish_reason"]["type"] == "stop"
+    assert stopped["meta_info"]["completion_tokens"] == j + 1
+
+
+def test_sampling_same_seed_same_output(spec_server_tiny, tiny_ref):
+    """Seeded sampling: the same seed gives the same answer, alone or among other traffic."""
+    msgs = [{"role": "user", "content": "the blue square is big"}]
+    text = tiny_ref.text(msgs)
+
+    def sample(seed):
+        return generate(spec_server_tiny, text, max_new_tokens=48, temperature=0.9, top_p=0.95,
+                        sampling_seed=seed, ignore_eos=True)["output_ids"]
+
+    solo = sample(11)
+    with cf.ThreadPoolExecutor(6) as pool:
+        batched = list(pool.map(sample, [11, 12, 11, 13, 11, 14]))
+    assert batched[0] == batched[2] == batched[4] == solo
+    assert len({tuple(b) for b in batched}) > 1  # other seeds: other answers
+    greedy = generate(spec_server_tiny, text, max_new_tokens=48, ignore_eos=True)["output_ids"]
+    assert solo != greedy
+
+
+@pytest.mark.parametrize("extra", [{"logprobs": True}, {"frequency_penalty": 0.5},
+                                   {"response_format": {"type": "json_object"}}])
+def test_unsupported_features_are_refused(spec_server_tiny, extra):
+    import httpx
+
+    body = {"model": spec_server_tiny.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            **extra}
+    r = httpx.post(spec_server_tiny.base_url + "/v1/chat/completions", json=body, timeout=120)
+    assert 400 <= r.status_code < 500, r.text[:300]
+    assert "FastDVLMSpeculative does not support" in r.text
+    assert spec_server_tiny.healthy()
+
+
+# ---- the demo model --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_spec(tmp_path_factory):
+    if not (DEMO_CHECKPOINT / "model.safetensors").is_file():
+        pytest.skip(f"the demo checkpoint is not built yet ({DEMO_CHECKPOINT})")
+    log = tmp_path_factory.mktemp("spec_logs") / "spec_demo.log"
+    server = Server(DEMO_CHECKPOINT, "spec", None, 16, log)
+    try:
+        server.wait_ready()
+        yield server, Reference(DEMO_CHECKPOINT)
+    finally:
+        server.stop()
+
+
+def test_demo_greedy_equals_ar_for_16_concurrent_requests(demo_spec):
+    server, ref = demo_spec
+    stats = _concurrent_equals_ar(server, ref, _demo_prompts())
+    print(f"\ndemo spec: {json.dumps(stats)}")
+    assert stats["tokens_per_nfe"] > 1.0  # the trained draft is accepted: fewer forwards than AR
