@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 ALGORITHMS = ("ar", "mdm", "spec")
+DEFAULT_DLLM_MAX_RUNNING = 16
 DEFAULT_ALGORITHM = "spec"  # FastDVLMSpeculative: greedy answers equal AR, fewer forwards
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo" / "checkpoint"
 
@@ -30,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithm", choices=ALGORITHMS, default=DEFAULT_ALGORITHM)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-running-requests", type=int, default=None)
+    p.add_argument("--max-running-requests", type=int, default=None,
+                   help=f"batch size (default: {DEFAULT_DLLM_MAX_RUNNING} for mdm/spec, SGLang's default for ar)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--sub-block-size", type=int, default=8, help="MDM sub-block size")
@@ -66,10 +68,15 @@ def cpu_flags() -> list[str]:
 def build_command(args: argparse.Namespace, extra: list[str], algo_config: str | None) -> list[str]:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", resolve_model(args.model),
            "--host", args.host, "--port", str(args.port)]
-    if args.served_model_name:
-        cmd += ["--served-model-name", args.served_model_name]
-    if args.max_running_requests is not None:
-        cmd += ["--max-running-requests", str(args.max_running_requests)]
+    served_name = args.served_model_name or ("demo" if args.model == "demo" else None)
+    if served_name:  # OpenAI `model` field; SGLang's default is the model path
+        cmd += ["--served-model-name", served_name]
+    max_running = args.max_running_requests
+    if max_running is None and args.algorithm != "ar":
+        # SGLang's DllmConfig defaults to one request at a time; our algorithms are batched.
+        max_running = DEFAULT_DLLM_MAX_RUNNING
+    if max_running is not None:
+        cmd += ["--max-running-requests", str(max_running)]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
     device = args.device if args.device != "auto" else ("cuda" if _has_cuda() else "cpu")

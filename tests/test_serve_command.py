@@ -1,0 +1,55 @@
+"""`fast-dvlm serve` builds the right SGLang command line (no SGLang needed to check it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fast_dvlm_sglang import serve
+
+
+def _cmd(*argv: str) -> list[str]:
+    args = serve._parser().parse_args(list(argv))
+    return serve.build_command(args, ["--log-level", "info"], "/tmp/algo.yaml")
+
+
+def _flag(cmd: list[str], name: str) -> str | None:
+    return cmd[cmd.index(name) + 1] if name in cmd else None
+
+
+@pytest.mark.parametrize("algorithm,expected", [("ar", None), ("mdm", "FastDVLMBlock"),
+                                                ("spec", "FastDVLMSpeculative")])
+def test_algorithm_flags(tmp_path, algorithm, expected):
+    cmd = _cmd("--model", str(tmp_path), "--algorithm", algorithm, "--device", "cuda")
+    assert _flag(cmd, "--dllm-algorithm") == expected
+    assert (_flag(cmd, "--dllm-algorithm-config") == "/tmp/algo.yaml") == (algorithm == "mdm")
+    # dLLM algorithms are batched by default (SGLang's DllmConfig would default to 1).
+    assert _flag(cmd, "--max-running-requests") == (None if algorithm == "ar" else str(serve.DEFAULT_DLLM_MAX_RUNNING))
+    assert cmd[-2:] == ["--log-level", "info"]  # extra SGLang args go last, verbatim
+    assert "--device" not in cmd  # on CUDA SGLang's own defaults apply
+
+
+def test_default_algorithm_is_spec(tmp_path):
+    assert _flag(_cmd("--model", str(tmp_path)), "--dllm-algorithm") == "FastDVLMSpeculative"
+
+
+def test_cpu_flags(tmp_path):
+    cmd = _cmd("--model", str(tmp_path), "--device", "cpu", "--max-running-requests", "3", "--api-key", "k")
+    for name, value in [("--device", "cpu"), ("--attention-backend", "torch_native"), ("--dtype", "float32"),
+                        ("--sampling-backend", "pytorch"), ("--max-running-requests", "3"), ("--api-key", "k")]:
+        assert _flag(cmd, name) == value
+    assert "--disable-cuda-graph" in cmd
+    assert _flag(cmd, "--model-path") == str(tmp_path)
+    assert _flag(cmd, "--served-model-name") is None
+
+
+def test_demo_is_served_as_demo(monkeypatch, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(serve, "DEMO_CHECKPOINT", tmp_path)
+    cmd = _cmd("--model", "demo", "--device", "cpu")
+    assert _flag(cmd, "--model-path") == str(tmp_path) and _flag(cmd, "--served-model-name") == "demo"
+
+
+def test_missing_demo_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(serve, "DEMO_CHECKPOINT", tmp_path / "nope")
+    with pytest.raises(SystemExit, match="demo checkpoint is missing"):
+        _cmd("--model", "demo")
