@@ -121,16 +121,22 @@ def cmd_generate(args) -> int:
 
 def cmd_eval_demo(args) -> int:
     from .demo.evaluate import evaluate
+    from .demo.train import TRAIN_SEED
 
     if args.n < 1:
         raise UsageError("--n must be >= 1")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise UsageError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.seed == TRAIN_SEED:
+        raise UsageError(f"--seed {TRAIN_SEED} is the training split; pick another seed")
     report = evaluate(args.model, args.algorithm, threshold=args.threshold, n=args.n, seed=args.seed,
                       progress=not args.json)
     if args.json:
         print(json.dumps(report))
     else:
-        for key, value in report.items():
-            print(f"{key:>18}: {value}")
+        print(f"{report['algorithm']}: accuracy {report['accuracy']:.3f} on n={report['n']} (seed {args.seed}), "
+              f"{report['tokens_per_nfe']:.2f} tokens/NFE ({report['nfe']} NFE), "
+              f"{report['avg_answer_tokens']:.1f} tokens/answer, {report['seconds']:.1f} s")
     return 0
 
 

@@ -142,9 +142,10 @@ def test_encode_chat_image(processor, tokenizer):
     sample = next(s for s in shapes.make_split(0, 50) if s.kind == "describe")
     enc = encode_chat(processor, sample.prompt_messages)
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    assert enc.input_ids.count(pad) == 16
-    assert enc.pixel_values.shape == (64, 3 * 2 * 14 * 14)
-    assert enc.image_grid_thw.tolist() == [[1, 8, 8]]
+    side = shapes.IMAGE_SIZE // 14  # patches per side (the image fits the pixel budget as it is)
+    assert enc.input_ids.count(pad) == (side // 2) ** 2
+    assert enc.pixel_values.shape == (side * side, 3 * 2 * 14 * 14)
+    assert enc.image_grid_thw.tolist() == [[1, side, side]]
     text = tokenizer.decode(enc.input_ids)
     assert text.startswith(
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"

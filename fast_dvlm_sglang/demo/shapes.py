@@ -1,13 +1,21 @@
 """Synthetic "shapes" task for the bundled tiny demo VLM.
 
 Every sample is generated on the fly from ``(seed, index)`` with its own ``random.Random`` (no
-global RNG), so splits are reproducible and need no storage. An image is 112x112 RGB with 1 to 4
-filled shapes on a plain light background; each shape sits in its own cell of a 3x3 grid, and no
-two shapes share both colour and kind, so "the red circle" always names one shape.
+global RNG), so splits are reproducible and need no storage. An image is 84x84 RGB with 1 to 4
+filled shapes (4 colours x 3 kinds) on a white or black background; each shape sits in its own
+cell of a drawn 3x3 grid, and no two shapes share both colour and kind, so "the red circle" always
+names one shape. The attribute set is deliberately small: the demo model is trained from scratch
+in minutes on a CPU, and every attribute it must perceive costs accuracy.
 
-Answers are templated and canonical (exact-match gradable). Descriptions list the shapes in
-reading order (top row first, left to right) and are long (about 60 tokens on average with the
-512-token demo tokenizer), so that they span several 32-token diffusion blocks.
+The image size is chosen so that each 28x28 grid cell is exactly one merged vision token of the
+Qwen2.5-VL tower (14-pixel patches, 2x2 spatial merge): 9 vision tokens per image, one per cell.
+A scaled-down model then reads a cell from one token instead of assembling it from shapes that
+straddle token borders, which is what lets it learn the task within the CPU training budget.
+
+Answers are templated and canonical (exact-match gradable). Descriptions walk the nine cells in
+reading order (top row first, left to right), naming what each one holds, and are long (over 48
+tokens on average with the 512-token demo tokenizer), so that they span two or three 32-token
+diffusion blocks.
 """
 
 from __future__ import annotations
@@ -22,11 +30,12 @@ from PIL import Image, ImageDraw
 __all__ = [
     "BACKGROUNDS",
     "COLORS",
+    "GRID_COLOR",
     "IMAGE_SIZE",
     "KINDS",
     "POSITIONS",
     "SHAPES",
-    "SIZES",
+    "SHAPE_RADIUS",
     "Sample",
     "ShapeSpec",
     "answers_match",
@@ -36,19 +45,25 @@ __all__ = [
     "render_scene",
 ]
 
-IMAGE_SIZE = 112
+IMAGE_SIZE = 84  # 3 x 28: one merged vision token per grid cell
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 160, 50),
     "blue": (30, 70, 220),
     "yellow": (240, 200, 0),
-    "purple": (140, 50, 180),
-    "orange": (250, 130, 0),
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
-SIZES: dict[str, int] = {"small": 9, "large": 15}  # half-extent in pixels
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "gray": (215, 215, 215)}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+SHAPE_RADIUS = 10  # half-extent in pixels: with 1 pixel of jitter a shape stays inside its 28-pixel cell
+# Black, not gray: the vision tower's patch embedding has no bias and every block starts with an
+# RMSNorm, so a gray background (nearly a scaled-down white) is almost invisible to a model
+# trained from scratch, while black points the opposite way.
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black": (0, 0, 0)}
+# The 3x3 grid is drawn (tic-tac-toe lines) so that every cell looks different at its edges: the
+# vision tower has only relative (rotary) positions, so on a plain background a cell's token could
+# not tell where it is, and "what is at the top left" would need the language model to count
+# tokens. With the lines, a cell's token carries its position in its content.
+GRID_COLOR = (128, 128, 128)
 
 # 3x3 grid cells in reading order: (name, phrase used in answers).
 POSITIONS: tuple[tuple[str, str], ...] = (
@@ -64,7 +79,6 @@ POSITIONS: tuple[tuple[str, str], ...] = (
 )
 
 NUMBER_WORDS = ("no", "one", "two", "three", "four")
-ORDINALS = ("first", "second", "third", "fourth")
 
 # Prompt kinds and their share of the default mixture (descriptions dominate on purpose).
 KINDS: tuple[tuple[str, float], ...] = (
@@ -96,7 +110,6 @@ SPELLING_WORDS = (
 class ShapeSpec:
     shape: str  # one of SHAPES
     color: str  # key of COLORS
-    size: str  # key of SIZES
     cell: int  # index into POSITIONS (row-major 3x3)
 
     @property
@@ -129,28 +142,35 @@ class Sample:
 # ----------------------------------------------------------------------------------------------
 
 
-def _make_scene(rng: random.Random, n_shapes: int | None = None) -> Scene:
-    if n_shapes is None:
-        n_shapes = rng.choices((1, 2, 3, 4), weights=(1, 2, 3, 3))[0]
+SHAPE_COUNT_WEIGHTS = (1, 2, 3, 3)  # of 1, 2, 3, 4 shapes per image
+
+
+def _make_scene(rng: random.Random, max_shapes: int = 4) -> Scene:
+    counts = tuple(range(1, max_shapes + 1))
+    n_shapes = rng.choices(counts, weights=SHAPE_COUNT_WEIGHTS[:max_shapes])[0]
     cells = sorted(rng.sample(range(9), n_shapes))
     combos = rng.sample([(c, s) for c in COLORS for s in SHAPES], n_shapes)
     shapes = tuple(
-        ShapeSpec(shape=s, color=c, size=rng.choice(tuple(SIZES)), cell=cell)
+        ShapeSpec(shape=s, color=c, cell=cell)
         for cell, (c, s) in zip(cells, combos)
     )
     return Scene(background=rng.choice(tuple(BACKGROUNDS)), shapes=shapes)
 
 
 def render_scene(scene: Scene, rng: random.Random | None = None) -> Image.Image:
-    """Draw ``scene``; ``rng`` (if given) jitters positions by up to 2 pixels."""
+    """Draw ``scene``; ``rng`` (if given) jitters positions by up to 1 pixel."""
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
     cell = IMAGE_SIZE / 3
+    for k in (1, 2):  # a 2-pixel line on each inner cell border: one pixel in each neighbouring cell
+        b = round(k * cell)
+        draw.rectangle((b - 1, 0, b, IMAGE_SIZE - 1), fill=GRID_COLOR)
+        draw.rectangle((0, b - 1, IMAGE_SIZE - 1, b), fill=GRID_COLOR)
     for spec in scene.shapes:
         row, col = divmod(spec.cell, 3)
-        dx, dy = (rng.randint(-2, 2), rng.randint(-2, 2)) if rng is not None else (0, 0)
+        dx, dy = (rng.randint(-1, 1), rng.randint(-1, 1)) if rng is not None else (0, 0)
         cx, cy = (col + 0.5) * cell + dx, (row + 0.5) * cell + dy
-        r = SIZES[spec.size]
+        r = SHAPE_RADIUS
         fill = COLORS[spec.color]
         if spec.shape == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -163,8 +183,6 @@ def render_scene(scene: Scene, rng: random.Random | None = None) -> Image.Image:
                 for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)
             ]
             draw.polygon([(x, y + r * 0.2) for x, y in pts], fill=fill)
-        elif spec.shape == "diamond":
-            draw.polygon([(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)], fill=fill)
         else:  # pragma: no cover - SHAPES is closed
             raise ValueError(spec.shape)
     return img
@@ -191,14 +209,15 @@ def _count_answer(n: int, noun: str = "shape") -> str:
 
 
 def describe(scene: Scene) -> str:
+    """Count and background, then every cell in reading order: "Top left: red circle." or
+    "Top: empty." (a fixed walk over the grid, so each entry is read from one vision token)."""
     n = len(scene.shapes)
     head = "There is one shape" if n == 1 else f"There are {NUMBER_WORDS[n]} shapes"
     parts = [f"{head} on a {scene.background} background."]
-    for i, s in enumerate(scene.shapes):
-        phrase = POSITIONS[s.cell][1]
-        parts.append(
-            f"The {ORDINALS[i]} shape is {_a(s.size)} {s.color} {s.shape}, located {phrase} of the image."
-        )
+    by_cell = {s.cell: s for s in scene.shapes}
+    for cell, (name, _) in enumerate(POSITIONS):
+        s = by_cell.get(cell)
+        parts.append(f"{name.capitalize()}: {s.name if s else 'empty'}.")
     return " ".join(parts)
 
 
@@ -242,7 +261,7 @@ def _qa_about_scene(rng: random.Random, scene: Scene, kind: str) -> tuple[str, s
 
 
 def _arithmetic(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
     if rng.random() < 0.5:
         return f"What is {a} + {b}?", f"{a} + {b} = {a + b}."
     a, b = max(a, b), min(a, b)
@@ -264,8 +283,13 @@ def _rng(seed: int, index: int) -> random.Random:
     return random.Random(f"fast-dvlm-shapes:{int(seed)}:{int(index)}")
 
 
-def make_sample(seed: int, index: int) -> Sample:
-    """The ``index``-th sample of the split generated from ``seed`` (pure function)."""
+def make_sample(seed: int, index: int, max_shapes: int = 4) -> Sample:
+    """The ``index``-th sample of the split generated from ``seed`` (pure function).
+
+    ``max_shapes`` < 4 draws simpler scenes (the training curriculum); 4 is the task itself.
+    """
+    if not 1 <= max_shapes <= 4:
+        raise ValueError(f"max_shapes must be in [1, 4], got {max_shapes}")
     rng = _rng(seed, index)
     kinds, weights = zip(*KINDS)
     kind = rng.choices(kinds, weights=weights)[0]
@@ -275,7 +299,7 @@ def make_sample(seed: int, index: int) -> Sample:
         prompt = [{"role": "user", "content": question}]
         return Sample(kind, None, prompt + [_assistant(answer)], prompt, answer, None)
 
-    scene = _make_scene(rng)
+    scene = _make_scene(rng, max_shapes)
     image = render_scene(scene, rng)
     if kind == "describe":
         prompt = [_image_turn(image, rng.choice(DESCRIBE_PROMPTS))]
