@@ -11,7 +11,7 @@ from seed 0; evaluation uses other seeds):
    [noisy | clean] layout with causal-context attention, complementary masking,
    auto-truncation, vision only in the clean stream, 0.5 x diffusion CE + 1.0 x AR CE.
 
-Regenerate the committed checkpoint (about 30 minutes on 2 CPU cores)::
+Regenerate the committed checkpoint (740 s on 2 CPU cores, deterministic)::
 
     python -m fast_dvlm_sglang.demo.train --out fast_dvlm_sglang/demo/checkpoint
 
