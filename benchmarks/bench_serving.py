@@ -6,8 +6,9 @@ For each algorithm, one `fast-dvlm serve` process (same flags except `--algorith
 demo prompts (shapes split of `--seed`, not a training seed):
 - sequential: one request at a time with the `openai` client: latency and single-request tokens/s;
 - concurrent: all prompts at once from `--concurrency` threads: aggregate tokens/s;
-- tokens/NFE: spec from the server's `meta_info["dllm_nfe"]` (native /generate); AR is 1 by
-  definition; MDM from the PyTorch reference decoder on the same prompts (the server's MDM
+- tokens/NFE, NFE counted after the prompt's prefill as the reference decoders count it: spec
+  from the server's `meta_info["dllm_nfe"]` (native /generate); AR one forward per token after
+  the first; MDM from the PyTorch reference decoder on the same prompts (the server's MDM
   answers equal it token for token, tests/sglang/test_server.py; SGLang reports no MDM NFE);
 - exact-match accuracy against the dataset answers, and whether every algorithm's answer equals AR's.
 Writes `benchmarks/results/serving_<device>_<model>.json` and a `.png` next to it.
@@ -22,9 +23,6 @@ import io
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import time
 from datetime import date
@@ -36,6 +34,7 @@ from tqdm import tqdm
 
 from fast_dvlm_sglang.config import resolve_model_dir
 from fast_dvlm_sglang.demo.shapes import answers_match, make_split
+from fast_dvlm_sglang.server_process import ServeProcess
 
 RESULTS = Path(__file__).parent / "results"
 ALGORITHMS = ("ar", "mdm", "spec")
@@ -57,47 +56,6 @@ def openai_messages(messages: list[dict]) -> list[dict]:
                        if p.get("type") == "image" else p for p in content]
         out.append({"role": m["role"], "content": content})
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    def __init__(self, model: str, algorithm: str, concurrency: int, log: Path):
-        self.port = _free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self._log_file = open(log, "w")
-        argv = ["--model", model, "--algorithm", algorithm, "--port", str(self.port),
-                "--max-running-requests", str(concurrency)]
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "fast_dvlm_sglang.serve", *argv],
-                                     stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 600) -> float:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited; see {self.log}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return time.perf_counter() - self.started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise SystemExit(f"server not ready after {timeout}s; see {self.log}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self._log_file.close()
 
 
 def _chat(client: OpenAI, model: str, messages, max_tokens: int) -> tuple[str, int, float]:
@@ -140,10 +98,10 @@ def run_algorithm(args, algorithm: str, model_dir: Path, samples, log_dir: Path)
     from fast_dvlm_sglang.processing import render_chat
     from fast_dvlm_sglang.tokenizer import load_processor
 
-    server = ServerProcess(str(model_dir), algorithm, args.concurrency, log_dir / f"{algorithm}.log")
+    server = ServeProcess(model_dir, algorithm, log_dir / f"{algorithm}.log", max_running=args.concurrency)
     try:
-        startup = server.wait_ready()
-        client = OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=600)
+        startup = server.wait_ready(timeout=600)
+        client = server.client(timeout=600)
         served = client.models.list().data[0].id
         messages = [openai_messages(s.prompt_messages) for s in samples]
         _chat(client, served, messages[0], 8)  # warm-up, not timed
@@ -171,7 +129,7 @@ def run_algorithm(args, algorithm: str, model_dir: Path, samples, log_dir: Path)
             "accuracy": sum(answers_match(a, s.answer) for a, s in zip(answers, samples)) / len(samples),
         }
         if algorithm == "ar":
-            row.update(tokens_per_nfe=1.0, nfe_source="definition")
+            row.update(tokens_per_nfe=tokens / (tokens - len(samples)), nfe_source="one forward per token after the first")
         elif algorithm == "spec":
             proc = load_processor(model_dir)
             texts = [render_chat(proc, s.prompt_messages, add_generation_prompt=True) for s in samples]

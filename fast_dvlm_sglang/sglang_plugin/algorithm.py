@@ -32,6 +32,15 @@ from fast_dvlm_sglang.sglang_plugin.model import set_extend_mrope_positions
 DEFAULT_THRESHOLD = 0.9
 
 
+def require_whole_context_passes(server_args, owner: str, why_fdfo: str) -> None:
+    """What both algorithms need from the server: FDFO rounds (state is carried on the request
+    between forwards), and every context pass over the whole uncached context, because its last
+    causal logits give the next token: a radix-cache hit or a chunked pass would lose them."""
+    if not resolving_view(server_args).dllm_fdfo:
+        raise ValueError(f"{owner} {why_fdfo}: remove --no-dllm-fdfo")
+    declare_resolution(server_args, owner, disable_radix_cache=True, chunked_prefill_size=-1)
+
+
 class FastDVLMBlock(DllmAlgorithm):
     supported_architectures = (ARCHITECTURE,)
     requires_separate_context_encoding = True
@@ -48,11 +57,7 @@ class FastDVLMBlock(DllmAlgorithm):
 
     @classmethod
     def configure_server_args(cls, server_args) -> None:
-        cfg = resolving_view(server_args)
-        if not cfg.dllm_fdfo:
-            raise ValueError(f"{cls.__name__} runs one denoising step per scheduler round: remove --no-dllm-fdfo")
-        # A cached prefix would skip the causal pass whose logits give each block's first token.
-        declare_resolution(server_args, cls.__name__, disable_radix_cache=True, chunked_prefill_size=-1)
+        require_whole_context_passes(server_args, cls.__name__, "runs one denoising step per scheduler round")
 
     # ---- SGLang entry point ----------------------------------------------------------------
     def run(self, model_runner, forward_batch, algo_states=None):

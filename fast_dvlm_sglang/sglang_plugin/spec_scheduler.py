@@ -33,10 +33,14 @@ seed has no KV yet.
 
 Metrics (SGLang's per-token `req.customized_info` channel; native /generate returns them in
 `meta_info`, accumulated over stream chunks):
-- `meta_info["dllm_spec_round"]`: per output token, the 1-based draft/verify round that committed
-  it; accepted draft tokens of round r = (number of tokens of round r) - 1;
-- `meta_info["dllm_nfe"]`: per output token, the request's forward passes so far (1 per context
-  pass + 2 per round); tokens/NFE = completion_tokens / meta_info["dllm_nfe"][-1].
+- `meta_info["dllm_spec_round"]`: per output token, the draft/verify rounds run when it was
+  emitted. Round r emits its seed and its accepted drafts; a token that ends the request is
+  emitted with the round whose verify pass chose it (0: the context pass), without a round of its
+  own (`finish_with_seed`);
+- `meta_info["dllm_nfe"]`: per output token, the request's forward passes so far after its
+  prompt's prefill (2 per round, 1 for a round with no room for a draft, + 1 per re-encoding
+  context pass after a retraction), the reference decoder's `GenerationResult.nfe`;
+  tokens/NFE = completion_tokens / dllm_nfe[-1].
 SGLang's own speculative meta_info fields (`spec_accept_length`, ...) are only filled when
 SGLang's `--speculative-algorithm` is set, so they stay absent.
 """
@@ -115,20 +119,47 @@ def apply_round(req, tokens: list[int], state: SpecState, req_to_token_pool, all
 
     req.spec_verify_ct += 1
     req.spec_num_correct_drafts += n - 1
+    _record_metrics(req, state, n)
+
+    req.update_finish_state(new_accepted_len=n)
+    if not req.finished():
+        finish_with_seed(req, state)
+    req.dllm_algo_state = None if req.finished() else dataclasses.replace(state, budget=budget(req))
+    return freed
+
+
+def finish_with_seed(req, state: SpecState) -> bool:
+    """Emit the pending seed now if it ends the request (EOS / stop token / stop string / the last
+    token of the budget): the reference decoder stops there, so no round (two forwards) is run
+    just to commit it. The seed's KV is never written; the request is released right after.
+    Otherwise nothing changes (SGLang's finish checks only read the request when nothing ends)."""
+    if state.seed is None:
+        return False
+    req.output_ids.append(state.seed)
+    req.update_finish_state(new_accepted_len=1)
+    if not req.finished():
+        req.output_ids.pop()
+        return False
+    req.full_untruncated_fill_ids.append(state.seed)
+    _record_metrics(req, state, 1)
+    return True
+
+
+def _record_metrics(req, state: SpecState, n: int) -> None:
     if req.customized_info is None:
         req.customized_info = {}
     req.customized_info.setdefault(METRIC_ROUND, []).extend([state.rounds] * n)
     req.customized_info.setdefault(METRIC_NFE, []).extend([state.nfe] * n)
 
-    req.update_finish_state(new_accepted_len=n)
-    req.dllm_algo_state = None if req.finished() else dataclasses.replace(state, budget=budget(req))
-    return freed
-
 
 def adopt_context_state(req, state) -> bool:
-    """After a causal context pass: keep its seed unless the pass stopped short of the block."""
+    """After a causal context pass: keep its seed unless the pass stopped short of the block.
+    A seed that ends the request is emitted at once (`finish_with_seed`): the caller releases it."""
     if not isinstance(state, SpecState) or req.finished() or req.extend_end != req.dllm_block_offset:
         return False
+    if finish_with_seed(req, state):
+        req.dllm_algo_state = None
+        return True
     req.dllm_algo_state = dataclasses.replace(state, budget=budget(req))
     return True
 
@@ -143,10 +174,11 @@ def process_batch_result_dllm(original, scheduler, batch, result):
         for req, state in zip(batch.reqs, states):
             if req.to_finish is not None and not req.finished():
                 req.update_finish_state()  # adopts `to_finish`
-                scheduler._finish_dllm_request_if_needed(req)
-                finished.append(req)
             else:
                 adopt_context_state(req, state)
+            if req.finished():
+                scheduler._finish_dllm_request_if_needed(req)
+                finished.append(req)
         if finished:
             scheduler.output_streamer.stream_output(finished, batch.return_logprob)
         return None

@@ -19,6 +19,10 @@ Per request (SGLang's separate-context-encoding flow plus the scheduler step of
    - k = `accept_longest_prefix(d, v[:, :B-1], draft_len)` (the function the reference decoder
      uses, vectorised over the batch, on device); the round commits [seed, d_1..d_k] (k + 1
      tokens whose causal KV the verify pass wrote) and v_{k+1} is the next seed.
+   A row uses L = min(block_size, budget - 1) verify tokens (the budget counts the seed), so
+   draft_len = L - 1: exactly the reference decoder's round. When no row of the batch has room for
+   a draft token (L == 1 everywhere), the draft pass is skipped. A seed that ends the request
+   (EOS, stop, last token of the budget) is emitted without a round (`spec_scheduler`).
    One host sync per round: the packed accept lengths, next seeds and block ids.
 
 Shapes never change: a block of `block_size` per request, whatever its context length, accepted
@@ -28,8 +32,8 @@ buffers on every forward. The verify pass is causal through `model.causal_pass()
 captured CUDA graph would freeze one attention mode, the decode CUDA graph is disabled for this
 algorithm (`configure_server_args`); a second, causal capture is what graphs would need.
 
-Sampling (temperature > 0): the draft stays argmax; the verify tokens of the first
-min(block_size, budget) positions are drawn with `decoding.sampling.sample_tokens` from the
+Sampling (temperature > 0): the draft stays argmax; the verify tokens of the first L
+positions are drawn with `decoding.sampling.sample_tokens` from the
 request's distribution (temperature / top-k / top-p) and a per-request `torch.Generator` seeded
 with the request's `sampling_seed` (OpenAI `seed`); a token is accepted while the draft equals the
 verify sample, so every emitted token is an AR sample given the accepted prefix. Each request's
@@ -55,6 +59,7 @@ from fast_dvlm_sglang.decoding.sampling import SamplingParams, sample_tokens
 from fast_dvlm_sglang.decoding.spec import accept_longest_prefix
 
 from . import SPEC_ALGORITHM_NAME as ALGORITHM_NAME
+from .algorithm import require_whole_context_passes
 from .model import causal_pass, set_extend_mrope_positions
 
 UNLIMITED = 1 << 30
@@ -72,7 +77,9 @@ class SpecState:
     sampling_seed: int | None = None
     generator: torch.Generator | None = field(default=None, compare=False, repr=False)
     rounds: int = 0  # draft/verify rounds run so far
-    nfe: int = 0  # forwards run for this request (context passes + 2 per round)
+    # Forwards after the prompt's prefill, as the reference decoder counts them: 2 per round (1
+    # with no room for a draft) plus any context pass re-encoding output (after a retraction).
+    nfe: int = 0
 
     @classmethod
     def from_request(cls, sampling_params) -> SpecState:
@@ -122,15 +129,10 @@ class FastDVLMSpeculative(DllmAlgorithm):
 
     @classmethod
     def configure_server_args(cls, server_args) -> None:
-        cfg = resolving_view(server_args)
-        if not cfg.dllm_fdfo:
-            raise ValueError(f"{cls.__name__} carries per-request state between rounds: remove --no-dllm-fdfo")
-        # The seed comes from the causal pass over the whole context: a cached prefix or a chunked
-        # context pass would lose it, so the radix cache and chunked prefill are off.
-        declare_resolution(server_args, cls.__name__, disable_radix_cache=True, chunked_prefill_size=-1)
+        require_whole_context_passes(server_args, cls.__name__, "carries per-request state between rounds")
         from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
 
-        graphs = cfg.cuda_graph_config  # resolved before the dLLM hook (arg_groups/pipeline.py)
+        graphs = resolving_view(server_args).cuda_graph_config  # resolved before the dLLM hook (arg_groups/pipeline.py)
         if graphs is not None and graphs.decode.backend != Backend.DISABLED:
             # One captured DLLM_EXTEND graph freezes one attention mode; verify must be causal.
             declare_resolution(server_args, cls.__name__, cuda_graph_config=with_phase(
@@ -185,23 +187,30 @@ class FastDVLMSpeculative(DllmAlgorithm):
         states = [s if isinstance(s, SpecState) else SpecState() for s in (algo_states or [None] * bs)]
         states = [s.with_generator(logits.device) for s in states]
         seeds = choose_tokens(logits[:, None], states, [1] * bs)[:, 0].tolist()  # the one host sync
-        states = [dataclasses.replace(s, seed=int(t), nfe=s.nfe + 1) for s, t in zip(states, seeds)]
+        states = [dataclasses.replace(s, seed=int(t), nfe=s.nfe + (s.rounds > 0)) for s, t in zip(states, seeds)]
         return out.logits_output, [], None, states, out.can_run_graph
 
     def _round(self, model_runner, forward_batch, states: list[SpecState]):
         bs, size = forward_batch.batch_size, self.block_size
         ids = forward_batch.input_ids.view(bs, size)
-        host = torch.tensor([[s.seed, min(max(s.budget, 1), size)] for s in states], dtype=torch.long)
+        # Verify tokens a row uses: the seed's successor and its draft's, up to the budget left
+        # after the seed (the reference decoder's `length`: same draws from the same generator).
+        host = torch.tensor([[s.seed, max(1, min(size, s.budget - 1))] for s in states], dtype=torch.long)
         meta = host.to(ids.device, non_blocking=True)
-        lengths = host[:, 1].tolist()  # tokens this round may commit (host values, no device sync)
+        lengths = host[:, 1].tolist()  # host values, no device sync
         set_extend_mrope_positions(forward_batch)
 
         # Draft: [seed, MASK...] block-bidirectional; d_j = argmax(logits[j-1]) (token shift).
+        # Skipped when no row has room for a draft token (each needs only its seed's successor).
         ids[:, 0].copy_(meta[:, 0])
         ids[:, 1:].fill_(self.mask_id)
-        out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
-        draft = out.logits_output.full_logits.view(bs, size, -1)[:, :-1].argmax(dim=-1)
-        ids[:, 1:].copy_(draft)
+        drafted = max(lengths) > 1
+        if drafted:
+            out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
+            draft = out.logits_output.full_logits.view(bs, size, -1)[:, :-1].argmax(dim=-1)
+            ids[:, 1:].copy_(draft)
+        else:
+            draft = ids[:, 1:].long()
 
         # Verify: [seed, d_1..d_{B-1}] causal; writes the KV kept for the committed tokens.
         with causal_pass():
@@ -209,16 +218,17 @@ class FastDVLMSpeculative(DllmAlgorithm):
         verify = choose_tokens(out.logits_output.full_logits.view(bs, size, -1), states, lengths)
 
         # Accept d_1..d_k with k < lengths (the seed is committed too), then v_{k+1} seeds.
-        accepted = accept_longest_prefix(draft, verify[:, :-1], meta[:, 1] - 1)
+        accepted = accept_longest_prefix(draft.to(verify.dtype), verify[:, :-1], meta[:, 1] - 1)
         next_seed = verify.gather(1, accepted[:, None])
         packed = torch.cat([accepted[:, None], next_seed, ids.long()], dim=1).tolist()  # the sync
 
         commits, states_out = [], []
-        for state, row in zip(states, packed):
+        for state, row, length in zip(states, packed, lengths):
             k = int(row[0])
             commits.append(row[2:3 + k])  # seed, d_1..d_k
+            # NFE as the reference counts it: the forwards this row needed (no draft at length 1).
             states_out.append(dataclasses.replace(state, seed=int(row[1]), rounds=state.rounds + 1,
-                                                  nfe=state.nfe + 2))
+                                                  nfe=state.nfe + 1 + (length > 1)))
         return out.logits_output, commits, [len(c) for c in commits], states_out, out.can_run_graph
 
     # Unused by `run` (kept for SGLang's base-class contract).

@@ -51,11 +51,11 @@ SPEC_MAX_RUNNING = 16
 def spec_server_tiny(tiny_checkpoints, tmp_path_factory):
     """`fast-dvlm serve --algorithm spec` on the tiny random model (tied embeddings, new layout),
     16 concurrent requests, KV page size 4 (exercises paged rollback), /metrics on."""
-    from sglang_helpers import Server
+    from fast_dvlm_sglang.server_process import ServeProcess
 
     log = tmp_path_factory.mktemp("spec_logs") / "spec_tiny.log"
-    server = Server(tiny_checkpoints["new"], "spec", None, SPEC_MAX_RUNNING, log,
-                    sglang_args=["--page-size", "4", "--enable-metrics"])
+    server = ServeProcess(tiny_checkpoints["new"], "spec", log, max_running=SPEC_MAX_RUNNING,
+                          sglang_args=["--page-size", "4", "--enable-metrics"])
     try:
         server.wait_ready()
         yield server

@@ -15,7 +15,9 @@ import pytest
 pytest.importorskip("sglang")
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
-from sglang_helpers import Server, image_url  # noqa: E402
+from sglang_helpers import image_url  # noqa: E402
+
+from fast_dvlm_sglang.server_process import ServeProcess  # noqa: E402
 
 API_KEY = "test-key"
 MAX_TOKENS = 64
@@ -31,8 +33,8 @@ def _messages(url):
 def servers(tiny_checkpoints, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     # new layout + tied embeddings served AR; old layout + untied served MDM (batched, with a key).
-    ar = Server(tiny_checkpoints["new"], "ar", None, 4, logs / "ar.log")
-    mdm = Server(tiny_checkpoints["old"], "mdm", API_KEY, 8, logs / "mdm.log")
+    ar = ServeProcess(tiny_checkpoints["new"], "ar", logs / "ar.log", max_running=4)
+    mdm = ServeProcess(tiny_checkpoints["old"], "mdm", logs / "mdm.log", max_running=8, api_key=API_KEY)
     try:
         ar.wait_ready()
         mdm.wait_ready()
@@ -71,8 +73,7 @@ def references(tiny_checkpoints):
 def _native(server, text, url):
     import httpx
 
-    headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
-    r = httpx.post(server.base_url + "/generate", headers=headers, timeout=120, json={
+    r = httpx.post(server.base_url + "/generate", headers=server.headers, timeout=120, json={
         "text": text, "image_data": url, "sampling_params": {"max_new_tokens": MAX_TOKENS, "temperature": 0}})
     r.raise_for_status()
     body = r.json()

@@ -301,7 +301,7 @@ def test_round_commits_prefix_and_releases_exact_slots(sgl, page_size):
         available_before = h.alloc.available_size()
         assert h.step() == "round"
         n = req.seqlen - before_len if not req.finished() else len(req.output_ids) - (before_len - len(prompt))
-        assert 1 <= n <= h.block_size
+        assert 1 <= n <= h.block_size + (1 if req.finished() else 0)  # + a final token (`finish_with_seed`)
         if req.finished():
             break
         # the committed prefix kept its slots; the block's slots after ceil(keep) are free again
@@ -319,7 +319,7 @@ def test_round_commits_prefix_and_releases_exact_slots(sgl, page_size):
     assert not req.kv.holds_kv and h.alloc.available_size() == h.initial_free
     rounds = req.customized_info["dllm_spec_round"]
     assert rounds[0] == 1 and rounds == sorted(rounds) and len(rounds) == 40
-    assert req.customized_info["dllm_nfe"] == [1 + 2 * r for r in rounds]
+    assert req.customized_info["dllm_nfe"] == [2 * r for r in rounds]
     assert sum(1 for _, causal, *_ in h.runner.calls if causal) == rounds[-1]  # one verify per round
     assert max(rounds.count(r) for r in set(rounds)) > 1  # some drafts were accepted
 
@@ -361,6 +361,52 @@ def test_budget_caps_commits_and_sets_length_finish(sgl):
     assert len(req.output_ids) == 8 and req.dllm_algo_state.budget == 11
     h.run()
     assert _ids(req) == oracle([4, 5], 19, set()) and h.alloc.available_size() == h.initial_free
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+@pytest.mark.parametrize("ends", ["eos", "length"])
+def test_a_seed_that_ends_the_request_costs_no_round(sgl, page_size, ends):
+    """The reference decoder stops as soon as its next token is EOS or the last of the budget; so
+    does the step: that token is emitted with the round (or context pass) that chose it, no round
+    runs to commit it, and every slot comes back."""
+    from sglang.srt.managers.schedule_batch import FINISH_LENGTH, FINISH_MATCHED_TOKEN
+
+    prompt = [7, 3, 12]
+    truth = oracle(prompt, 40, set())
+    h = Harness(page_size, wrong_every=10_000)  # drafts always right: round 1 commits truth[:8]
+    cut = h.block_size  # the seed after round 1
+    assert truth[cut] not in truth[:cut]
+    if ends == "eos":
+        req = h.add(prompt, max_new_tokens=40, eos={truth[cut]})
+    else:
+        req = h.add(prompt, max_new_tokens=cut + 1)
+    h.run()
+    assert _ids(req) == truth[: cut + 1] and len(req.output_ids) == cut + 1
+    assert isinstance(req.finished_reason, FINISH_MATCHED_TOKEN if ends == "eos" else FINISH_LENGTH)
+    assert sum(1 for dllm, *_ in h.runner.calls if dllm) == 2  # one round: draft + verify
+    assert req.customized_info["dllm_spec_round"] == [1] * (cut + 1)
+    assert req.customized_info["dllm_nfe"] == [2] * (cut + 1)
+    assert h.alloc.available_size() == h.initial_free
+
+    # From the context pass: one token asked for, or the first token is EOS.
+    h = Harness(page_size)
+    one = h.add(prompt, max_new_tokens=1)
+    first = h.add([1, 2, 3], max_new_tokens=20, eos={oracle([1, 2, 3], 1, set())[0]})
+    h.run()
+    assert _ids(one) == truth[:1] and _ids(first) == oracle([1, 2, 3], 1, set())
+    assert not any(dllm for dllm, *_ in h.runner.calls)
+    assert one.customized_info["dllm_nfe"] == first.customized_info["dllm_nfe"] == [0]
+    assert [r for batch in h.sched.output_streamer.streamed for r in batch] == [one.rid, first.rid]
+    assert h.alloc.available_size() == h.initial_free
+
+    # Two tokens: the round has no room for a draft token: one causal verify, no draft pass.
+    h = Harness(page_size)
+    two = [h.add(prompt, max_new_tokens=2), h.add([4, 5, 6, 7, 8], max_new_tokens=2)]
+    h.run()
+    assert [c[1] for c in h.runner.calls if c[0]] == [True]  # one DLLM forward, causal
+    assert _ids(two[0]) == truth[:2] and _ids(two[1]) == oracle([4, 5, 6, 7, 8], 2, set())
+    assert two[0].customized_info["dllm_nfe"] == [1, 1]
+    assert h.alloc.available_size() == h.initial_free
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
@@ -467,7 +513,7 @@ def test_retracted_request_reencodes_its_output(sgl):
     h.run()
     assert _ids(req) == oracle(prompt, 30, set()) and h.alloc.available_size() == h.initial_free
     nfe = req.customized_info["dllm_nfe"]
-    assert nfe[-1] == 2 + 2 * req.customized_info["dllm_spec_round"][-1]  # two context passes
+    assert nfe[-1] == 1 + 2 * req.customized_info["dllm_spec_round"][-1]  # the re-encoding pass
 
 
 def test_aborting_request_finishes_at_its_context_pass(sgl):
