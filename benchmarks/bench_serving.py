@@ -7,7 +7,7 @@ demo prompts (shapes split of `--seed`, not a training seed):
 - sequential: one request at a time with the `openai` client: latency and single-request tokens/s;
 - concurrent: all prompts at once from `--concurrency` threads: aggregate tokens/s;
 - tokens/NFE, NFE counted after the prompt's prefill as the reference decoders count it: spec
-  from the server's `meta_info["dllm_nfe"]` (native /generate); AR one forward per token after
+  from the server's `meta_info["dllm_nfe"]` (OpenAI `return_meta_info`); AR one forward per token after
   the first; MDM from the PyTorch reference decoder on the same prompts (the server's MDM
   answers equal it token for token, tests/sglang/test_server.py; SGLang reports no MDM NFE);
 - exact-match accuracy against the dataset answers, and whether every algorithm's answer equals AR's.
@@ -28,7 +28,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-import httpx
 from openai import OpenAI
 from tqdm import tqdm
 
@@ -58,22 +57,15 @@ def openai_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
-def _chat(client: OpenAI, model: str, messages, max_tokens: int) -> tuple[str, int, float]:
+def _chat(client: OpenAI, model: str, messages, max_tokens: int):
+    """One greedy chat completion: (text, completion tokens, seconds, the request's NFE or None).
+    Every algorithm asks for SGLang's meta_info, so all pay the same; only spec reports NFE."""
     start = time.perf_counter()
-    r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
-    return r.choices[0].message.content, r.usage.completion_tokens, time.perf_counter() - start
-
-
-def spec_nfe(base_url: str, texts: list[str], images: list[list[str]], max_tokens: int) -> tuple[int, int]:
-    tokens = nfe = 0
-    for text, imgs in zip(texts, images):
-        body = {"text": text, "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0}}
-        if imgs:
-            body["image_data"] = imgs
-        meta = httpx.post(base_url + "/generate", json=body, timeout=600).json()["meta_info"]
-        tokens += meta["completion_tokens"]
-        nfe += meta["dllm_nfe"][-1]
-    return tokens, nfe
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                       extra_body={"return_meta_info": True})
+    seconds = time.perf_counter() - start
+    nfe = (r.choices[0].model_extra.get("meta_info") or {}).get("dllm_nfe")
+    return r.choices[0].message.content, r.usage.completion_tokens, seconds, nfe[-1] if nfe else None
 
 
 def reference_mdm_nfe(model_dir: Path, samples, max_tokens: int, threshold: float) -> tuple[int, int]:
@@ -95,9 +87,6 @@ def reference_mdm_nfe(model_dir: Path, samples, max_tokens: int, threshold: floa
 
 
 def run_algorithm(args, algorithm: str, model_dir: Path, samples, log_dir: Path) -> dict:
-    from fast_dvlm_sglang.processing import render_chat
-    from fast_dvlm_sglang.tokenizer import load_processor
-
     server = ServeProcess(model_dir, algorithm, log_dir / f"{algorithm}.log", max_running=args.concurrency)
     try:
         startup = server.wait_ready(timeout=600)
@@ -106,17 +95,18 @@ def run_algorithm(args, algorithm: str, model_dir: Path, samples, log_dir: Path)
         messages = [openai_messages(s.prompt_messages) for s in samples]
         _chat(client, served, messages[0], 8)  # warm-up, not timed
 
-        answers, tokens, latencies = [], 0, []
+        answers, tokens, latencies, nfe = [], 0, [], 0
         for m in tqdm(messages, desc=f"{algorithm} sequential"):
-            text, n, dt = _chat(client, served, m, args.max_tokens)
+            text, n, dt, f = _chat(client, served, m, args.max_tokens)
             answers.append(text)
             tokens += n
             latencies.append(dt)
+            nfe += f or 0
         start = time.perf_counter()
         with cf.ThreadPoolExecutor(args.concurrency) as pool:
             conc = list(pool.map(lambda m: _chat(client, served, m, args.max_tokens), messages))
         conc_seconds = time.perf_counter() - start
-        conc_tokens = sum(n for _, n, _ in conc)
+        conc_tokens = sum(c[1] for c in conc)
 
         row = {
             "startup_s": startup,
@@ -125,18 +115,13 @@ def run_algorithm(args, algorithm: str, model_dir: Path, samples, log_dir: Path)
             "mean_latency_s": sum(latencies) / len(latencies),
             "p90_latency_s": sorted(latencies)[int(0.9 * (len(latencies) - 1))],
             "concurrent_tokens_per_s": conc_tokens / conc_seconds,
-            "concurrent_equals_sequential": [a for a, _, _ in conc] == answers,
+            "concurrent_equals_sequential": [c[0] for c in conc] == answers,
             "accuracy": sum(answers_match(a, s.answer) for a, s in zip(answers, samples)) / len(samples),
         }
         if algorithm == "ar":
             row.update(tokens_per_nfe=tokens / (tokens - len(samples)), nfe_source="one forward per token after the first")
         elif algorithm == "spec":
-            proc = load_processor(model_dir)
-            texts = [render_chat(proc, s.prompt_messages, add_generation_prompt=True) for s in samples]
-            images = [[p["image_url"]["url"] for msg in m if isinstance(msg["content"], list)
-                       for p in msg["content"] if p.get("type") == "image_url"] for m in messages]
-            t, nfe = spec_nfe(server.base_url, texts, images, args.max_tokens)
-            row.update(tokens_per_nfe=t / nfe, nfe_source="server meta_info dllm_nfe")
+            row.update(tokens_per_nfe=tokens / nfe, nfe_source="server meta_info dllm_nfe")
         return row, answers
     finally:
         server.stop()

@@ -42,7 +42,8 @@ Metrics (SGLang's per-token `req.customized_info` channel; native /generate retu
   context pass after a retraction), the reference decoder's `GenerationResult.nfe`;
   tokens/NFE = completion_tokens / dllm_nfe[-1].
 SGLang's own speculative meta_info fields (`spec_accept_length`, ...) are only filled when
-SGLang's `--speculative-algorithm` is set, so they stay absent.
+SGLang's `--speculative-algorithm` is set, so they stay absent. With `--enable-metrics`, the
+server-wide counters are in `/metrics` (`metrics.py`: rounds, accepted drafts, tokens, forwards).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from . import metrics
 from .speculative import ALGORITHM_NAME, SpecState
 
 logger = logging.getLogger(__name__)
@@ -171,11 +173,13 @@ def process_batch_result_dllm(original, scheduler, batch, result):
         original(scheduler, batch, result)  # context pass: SGLang only reports prefill stats
         states = result.dllm_algo_state or [None] * batch.batch_size()
         finished = []
+        record = metrics.enabled(scheduler)
         for req, state in zip(batch.reqs, states):
             if req.to_finish is not None and not req.finished():
                 req.update_finish_state()  # adopts `to_finish`
-            else:
-                adopt_context_state(req, state)
+            elif adopt_context_state(req, state) and record:
+                metrics.record(scheduler.dllm_config.block_size, rounds=0, accepted_drafts=0,
+                               tokens=int(req.finished()), forwards=int(state.rounds > 0))
             if req.finished():
                 scheduler._finish_dllm_request_if_needed(req)
                 finished.append(req)
@@ -188,12 +192,17 @@ def process_batch_result_dllm(original, scheduler, batch, result):
     block_size = scheduler.dllm_config.block_size
     allocator = scheduler.token_to_kv_pool_allocator
     states = result.dllm_algo_state
+    record = metrics.enabled(scheduler)
     allocator.free_group_begin()
     try:
         for req, tokens, state in zip(batch.reqs, result.next_token_ids, states):
             if req.finished():
                 continue  # released elsewhere while the round ran
+            emitted, nfe = len(req.output_ids), req.dllm_algo_state.nfe
             apply_round(req, list(tokens), state, scheduler.req_to_token_pool, allocator, block_size)
+            if record:
+                metrics.record(block_size, rounds=1, accepted_drafts=len(tokens) - 1,
+                               tokens=len(req.output_ids_through_stop) - emitted, forwards=state.nfe - nfe)
             scheduler.metrics_reporter.num_generated_tokens += len(tokens)
             scheduler._finish_dllm_request_if_needed(req)
         scheduler.output_streamer.stream_output(batch.reqs, batch.return_logprob)

@@ -24,7 +24,7 @@ import pytest
 pytest.importorskip("sglang")
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
-from sglang_helpers import generate, image_url  # noqa: E402
+from sglang_helpers import generate, image_url, prometheus_value  # noqa: E402
 
 from fast_dvlm_sglang.demo import DEMO_CHECKPOINT  # noqa: E402
 from fast_dvlm_sglang.server_process import ServeProcess  # noqa: E402
@@ -143,6 +143,12 @@ def test_openai_chat_and_stream_equal_native(spec_server_tiny, tiny_ref):
     chat = client.chat.completions.create(model=spec_server_tiny.model, messages=msgs, max_tokens=n, temperature=0)
     assert chat.choices[0].message.content == body["text"]
     assert chat.usage.completion_tokens == len(body["output_ids"])
+    # SGLang's `return_meta_info` extension carries the NFE through the OpenAI API too.
+    chat = client.chat.completions.create(model=spec_server_tiny.model, messages=msgs, max_tokens=n, temperature=0,
+                                          extra_body={"return_meta_info": True})
+    meta = chat.choices[0].model_extra["meta_info"]
+    assert meta["dllm_nfe"] == body["meta_info"]["dllm_nfe"]
+    assert meta["dllm_spec_round"] == body["meta_info"]["dllm_spec_round"]
     parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model=spec_server_tiny.model, messages=msgs, max_tokens=n, temperature=0, stream=True) if c.choices]
     assert "".join(parts) == body["text"] and len(parts) > 1
@@ -202,6 +208,28 @@ def test_sampling_same_seed_same_output(spec_server_tiny, tiny_ref):
     greedy = generate(spec_server_tiny, text, max_new_tokens=48, ignore_eos=True)["output_ids"]
     assert solo != greedy
 
+
+
+def test_prometheus_counters_add_up_to_the_responses(spec_server_tiny, tiny_ref):
+    """`/metrics` (--enable-metrics) counts what the responses report: tokens, forwards (NFE),
+    rounds and accepted drafts; the per-round histogram has one sample per round."""
+    names = ["fast_dvlm:spec_tokens_total", "fast_dvlm:spec_forwards_total", "fast_dvlm:spec_rounds_total",
+             "fast_dvlm:spec_accepted_drafts_total", "fast_dvlm:spec_round_tokens_count"]
+
+    def read():
+        return [prometheus_value(spec_server_tiny, n) for n in names]
+
+    before = read()
+    tokens = nfe = rounds = 0
+    for msgs, url, n in _tiny_prompts()[:6]:
+        meta = generate(spec_server_tiny, tiny_ref.text(msgs), image=url, max_new_tokens=n)["meta_info"]
+        tokens += meta["completion_tokens"]
+        nfe += meta["dllm_nfe"][-1]
+        rounds += meta["dllm_spec_round"][-1]
+    delta = [a - b for a, b in zip(read(), before)]
+    assert delta[:3] == [tokens, nfe, rounds]
+    # each emitted token is a round's seed, an accepted draft or a request's final token
+    assert tokens - rounds - 6 <= delta[3] <= 31 * rounds and delta[4] == rounds
 
 
 @pytest.mark.parametrize("extra", [{"logprobs": True}, {"frequency_penalty": 0.5},

@@ -1,0 +1,52 @@
+"""Speculative-decoding counters in SGLang's Prometheus output (`/metrics`, `--enable-metrics`).
+
+SGLang's own `sglang:spec_accept_length` is filled only for its `--speculative-algorithm` workers,
+and a dLLM round is reported as a prefill batch, so `FastDVLMSpeculative` exports its own series
+from the scheduler process. SGLang runs prometheus_client in multiprocess mode, so series created
+here are merged into the server's `/metrics` next to SGLang's:
+
+- `fast_dvlm:spec_rounds_total`: draft/verify rounds, counted per request;
+- `fast_dvlm:spec_accepted_drafts_total`: accepted draft tokens (accepted length per round =
+  accepted_drafts / rounds);
+- `fast_dvlm:spec_tokens_total`: tokens emitted;
+- `fast_dvlm:spec_forwards_total`: model forwards per request after the prompt's prefill (NFE;
+  tokens/NFE = spec_tokens_total / spec_forwards_total, the per-request `meta_info["dllm_nfe"]`
+  summed);
+- `fast_dvlm:spec_round_tokens`: histogram of the tokens a round emits (1 .. block_size + 1).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+PREFIX = "fast_dvlm:spec_"
+
+
+@cache
+def _series(block_size: int):
+    from prometheus_client import Counter, Histogram  # after SGLang set PROMETHEUS_MULTIPROC_DIR
+
+    return (
+        Counter(PREFIX + "rounds", "Draft/verify rounds, per request"),
+        Counter(PREFIX + "accepted_drafts", "Accepted draft tokens"),
+        Counter(PREFIX + "tokens", "Tokens emitted by FastDVLMSpeculative"),
+        Counter(PREFIX + "forwards", "Model forwards per request after the prompt's prefill (NFE)"),
+        Histogram(PREFIX + "round_tokens", "Tokens emitted per round",
+                  buckets=[float(b) for b in range(1, block_size + 2)]),
+    )
+
+
+def enabled(scheduler) -> bool:
+    reporter = getattr(scheduler, "metrics_reporter", None)
+    return bool(getattr(reporter, "enable_metrics", False))
+
+
+def record(block_size: int, *, rounds: int, accepted_drafts: int, tokens: int, forwards: int) -> None:
+    """One request's progress in one scheduler step (a round, or a context pass that ended it)."""
+    rounds_c, drafts_c, tokens_c, forwards_c, per_round = _series(block_size)
+    rounds_c.inc(rounds)
+    drafts_c.inc(accepted_drafts)
+    tokens_c.inc(tokens)
+    forwards_c.inc(forwards)
+    if rounds:
+        per_round.observe(tokens)
