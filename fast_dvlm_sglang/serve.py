@@ -7,7 +7,8 @@ Runs `python -m sglang.launch_server` (the plugin loads through its entry points
 process). Flags follow the machine: on a host without CUDA, the PyTorch CPU path (device cpu,
 torch_native attention, pytorch sampling, float32, no CUDA graphs, sdpa vision attention, a
 small KV pool). `--algorithm mdm` adds `--dllm-algorithm FastDVLMBlock` with a YAML of the
-sub-block size and threshold; `ar` serves the same weights autoregressively.
+sub-block size and threshold; `spec --spec-cuda-graph` one with `cuda_graph: true`; `ar` serves
+the same weights autoregressively.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--sub-block-size", type=int, default=8, help="MDM sub-block size")
     p.add_argument("--threshold", type=float, default=0.9, help="MDM confidence threshold")
+    p.add_argument("--spec-cuda-graph", action="store_true",
+                   help="spec on CUDA: capture the draft and verify passes as two decode CUDA graphs "
+                        "(opt-in, not yet run on a GPU with SGLang; default: eager rounds)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dry-run", action="store_true", help="print the SGLang command and exit")
     return p
@@ -88,7 +92,22 @@ def build_command(args: argparse.Namespace, extra: list[str], algo_config: str |
             cmd += ["--dllm-algorithm-config", algo_config]
     elif args.algorithm == "spec":
         cmd += ["--dllm-algorithm", "FastDVLMSpeculative"]
+        if algo_config:
+            cmd += ["--dllm-algorithm-config", algo_config]
     return cmd + extra
+
+
+def algorithm_yaml(args: argparse.Namespace) -> str | None:
+    """The `--dllm-algorithm-config` YAML for the chosen algorithm (None: none needed)."""
+    if args.spec_cuda_graph:
+        if args.algorithm != "spec":
+            raise SystemExit("fast-dvlm serve: --spec-cuda-graph needs --algorithm spec")
+        if args.device == "cpu" or (args.device == "auto" and not _has_cuda()):
+            raise SystemExit("fast-dvlm serve: --spec-cuda-graph needs a CUDA GPU")
+        return "cuda_graph: true\n"
+    if args.algorithm == "mdm":
+        return f"sub_block_size: {args.sub_block_size}\nthreshold: {args.threshold}\n"
+    return None
 
 
 def serve_main(argv: list[str]) -> int:
@@ -97,12 +116,12 @@ def serve_main(argv: list[str]) -> int:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
     args = _parser().parse_args(argv)
-    algo_config = None
+    algo_config, algo_yaml = None, algorithm_yaml(args)
     with tempfile.TemporaryDirectory(prefix="fast-dvlm-serve-") as tmp:
-        if args.algorithm == "mdm":
-            algo_config = os.path.join(tmp, "fast_dvlm_mdm.yaml")
+        if algo_yaml is not None:
+            algo_config = os.path.join(tmp, f"fast_dvlm_{args.algorithm}.yaml")
             with open(algo_config, "w") as f:
-                f.write(f"sub_block_size: {args.sub_block_size}\nthreshold: {args.threshold}\n")
+                f.write(algo_yaml)
         cmd = build_command(args, extra, algo_config)
         if args.dry_run:
             print(" ".join(cmd))

@@ -9,7 +9,8 @@ from fast_dvlm_sglang import serve
 
 def _cmd(*argv: str) -> list[str]:
     args = serve._parser().parse_args(list(argv))
-    return serve.build_command(args, ["--log-level", "info"], "/tmp/algo.yaml")
+    yaml = serve.algorithm_yaml(args)
+    return serve.build_command(args, ["--log-level", "info"], None if yaml is None else "/tmp/algo.yaml")
 
 
 def _flag(cmd: list[str], name: str) -> str | None:
@@ -26,6 +27,23 @@ def test_algorithm_flags(tmp_path, algorithm, expected):
     assert _flag(cmd, "--max-running-requests") == (None if algorithm == "ar" else str(serve.DEFAULT_DLLM_MAX_RUNNING))
     assert cmd[-2:] == ["--log-level", "info"]  # extra SGLang args go last, verbatim
     assert "--device" not in cmd  # on CUDA SGLang's own defaults apply
+
+
+def test_spec_cuda_graph_is_an_algorithm_config(tmp_path):
+    argv = ("--model", str(tmp_path), "--algorithm", "spec", "--device", "cuda", "--spec-cuda-graph")
+    assert _flag(_cmd(*argv), "--dllm-algorithm-config") == "/tmp/algo.yaml"
+    import yaml
+
+    assert yaml.safe_load(serve.algorithm_yaml(serve._parser().parse_args(list(argv)))) == {"cuda_graph": True}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (("--algorithm", "mdm", "--device", "cuda"), "needs --algorithm spec"),
+    (("--algorithm", "spec", "--device", "cpu"), "needs a CUDA GPU"),
+])
+def test_spec_cuda_graph_misuse_is_a_one_line_error(tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        _cmd("--model", str(tmp_path), "--spec-cuda-graph", *argv)
 
 
 def test_default_algorithm_is_spec(tmp_path):

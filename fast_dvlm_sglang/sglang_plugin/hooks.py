@@ -34,6 +34,9 @@ HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
     # FastDVLMSpeculative keeps the verify pass's KV of the committed tokens: no re-encoding.
     ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin._stash_dllm_context",
      "fast_dvlm_sglang.sglang_plugin.spec_scheduler:stash_dllm_context", "AROUND"),
+    # CUDA graphs for FastDVLMSpeculative (opt-in): a bidirectional and a causal capture.
+    ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.create_attention_graph_variants",
+     "fast_dvlm_sglang.sglang_plugin.attention_modes:create_attention_graph_variants", "AROUND"),
     # OpenAI chat requests SGLang accepts but our model must refuse (4xx).
     ("sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._validate_request",
      f"{_ME}:after_validate_chat_request", "AFTER"),

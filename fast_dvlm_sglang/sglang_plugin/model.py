@@ -9,7 +9,8 @@ What the subclass adds:
   `layer_id` (so the same KV pages); `ModeSelectedAttention` calls the twin for `DLLM_EXTEND`
   forwards (a block attends to itself bidirectionally and to its cached context) and the causal
   layer otherwise (prompt/context encoding, AR decode, and `DLLM_EXTEND` forwards run inside
-  `causal_pass()`: the speculative verify pass). No layer object is mutated per forward;
+  `causal_pass()`: the speculative verify pass; under CUDA graphs, one capture per mode,
+  `attention_modes.py`). No layer object is mutated per forward;
 - M-RoPE positions for extend forwards that run past the prompt (a dLLM block, or the causal pass
   over a committed block): SGLang slices the prompt's precomputed table, which ends at the prompt;
   text positions after it are `position + mrope_position_delta`, as in AR decoding;
@@ -22,9 +23,7 @@ With no `--dllm-algorithm` the class is a plain autoregressive Qwen2.5-VL (the A
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Iterable
 
 import torch
 from sglang.srt.layers.logits_processor import LogitsProcessor
@@ -34,24 +33,10 @@ from torch import nn
 
 from fast_dvlm_sglang.config import ARCHITECTURE
 
+from .attention_modes import runs_bidirectional
+
 _TEXT_STACKED = ((".q_proj.", ".qkv_proj."), (".k_proj.", ".qkv_proj."), (".v_proj.", ".qkv_proj."))
 _MLP_STACKED = ((".gate_proj.", ".gate_up_proj."), (".up_proj.", ".gate_up_proj."))
-
-
-# A causal forward inside a DLLM_EXTEND batch (the speculative verify pass). A context variable,
-# not a ForwardBatch attribute: SGLang's runners hand the model a `dataclasses.replace` copy of the
-# batch (model_executor/runner/eager_runner.py `load_batch`), which drops non-field attributes.
-_CAUSAL_PASS: ContextVar[bool] = ContextVar("fast_dvlm_causal_pass", default=False)
-
-
-@contextmanager
-def causal_pass() -> Iterator[None]:
-    """Forwards run inside this block attend causally even in `DLLM_EXTEND` mode."""
-    token = _CAUSAL_PASS.set(True)
-    try:
-        yield
-    finally:
-        _CAUSAL_PASS.reset(token)
 
 
 class ModeSelectedAttention(nn.Module):
@@ -67,8 +52,7 @@ class ModeSelectedAttention(nn.Module):
         self.__dict__["bidirectional"] = twin
 
     def forward(self, q, k, v, forward_batch, *args, **kwargs):
-        bidirectional = forward_batch.forward_mode.is_dllm_extend() and not _CAUSAL_PASS.get()
-        layer = self.bidirectional if bidirectional else self.causal
+        layer = self.bidirectional if runs_bidirectional(forward_batch) else self.causal
         return layer(q, k, v, forward_batch, *args, **kwargs)
 
     def __getattr__(self, name: str):

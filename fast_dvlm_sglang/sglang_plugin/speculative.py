@@ -28,9 +28,12 @@ Per request (SGLang's separate-context-encoding flow plus the scheduler step of
 Shapes never change: a block of `block_size` per request, whatever its context length, accepted
 length or remaining budget (a short budget only caps k through `draft_len`); the inputs are
 rewritten in place in `forward_batch.input_ids`, which SGLang's runners copy into their static
-buffers on every forward. The verify pass is causal through `model.causal_pass()`. Because a
-captured CUDA graph would freeze one attention mode, the decode CUDA graph is disabled for this
-algorithm (`configure_server_args`); a second, causal capture is what graphs would need.
+buffers on every forward. The verify pass is causal through `attention_modes.causal_pass()`. A
+captured CUDA graph freezes one attention mode, so with `cuda_graph: true` in the
+`--dllm-algorithm-config` YAML SGLang's decode graph runner captures two graphs per batch size
+(bidirectional and causal, `attention_modes.SpecAttentionModes`) and replays the causal one for
+the verify pass; without it (the default, until this runs on a GPU with SGLang) the decode CUDA
+graph is disabled for this algorithm (`configure_server_args`).
 
 Sampling (temperature > 0): the draft stays argmax; the verify tokens of the first L
 positions are drawn with `decoding.sampling.sample_tokens` from the
@@ -60,7 +63,8 @@ from fast_dvlm_sglang.decoding.spec import accept_longest_prefix
 
 from . import SPEC_ALGORITHM_NAME as ALGORITHM_NAME
 from .algorithm import require_whole_context_passes
-from .model import causal_pass, set_extend_mrope_positions
+from .attention_modes import algorithm_config, causal_pass, check_graph_runner
+from .model import set_extend_mrope_positions
 
 UNLIMITED = 1 << 30
 
@@ -132,11 +136,21 @@ class FastDVLMSpeculative(DllmAlgorithm):
         require_whole_context_passes(server_args, cls.__name__, "carries per-request state between rounds")
         from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
 
-        graphs = resolving_view(server_args).cuda_graph_config  # resolved before the dLLM hook (arg_groups/pipeline.py)
-        if graphs is not None and graphs.decode.backend != Backend.DISABLED:
-            # One captured DLLM_EXTEND graph freezes one attention mode; verify must be causal.
-            declare_resolution(server_args, cls.__name__, cuda_graph_config=with_phase(
-                graphs, Phase.DECODE, backend=Backend.DISABLED))
+        view = resolving_view(server_args)
+        graphs = view.cuda_graph_config  # resolved before the dLLM hook (arg_groups/pipeline.py)
+        if graphs is None or graphs.decode.backend == Backend.DISABLED:
+            return
+        if algorithm_config(view.dllm_algorithm_config).get("cuda_graph", False):
+            # Two captures per batch size, bidirectional and causal (`attention_modes.py`), on
+            # the backend SGLang's dLLM pass picks for graphs; the triton backend brings its own
+            # dLLM graph variants, which have no causal capture.
+            if view.attention_backend not in (None, "flashinfer"):
+                raise ValueError(f"{cls.__name__} with cuda_graph: true needs the flashinfer attention "
+                                 f"backend, got {view.attention_backend}")
+            return
+        # One captured DLLM_EXTEND graph would freeze one attention mode; verify must be causal.
+        declare_resolution(server_args, cls.__name__, cuda_graph_config=with_phase(
+            graphs, Phase.DECODE, backend=Backend.DISABLED))
 
     @classmethod
     def validate_request(cls, req) -> str | None:
@@ -191,6 +205,7 @@ class FastDVLMSpeculative(DllmAlgorithm):
         return out.logits_output, [], None, states, out.can_run_graph
 
     def _round(self, model_runner, forward_batch, states: list[SpecState]):
+        check_graph_runner(model_runner)
         bs, size = forward_batch.batch_size, self.block_size
         ids = forward_batch.input_ids.view(bs, size)
         # Verify tokens a row uses: the seed's successor and its draft's, up to the budget left

@@ -78,9 +78,10 @@ class FakeRunner:
         self.calls: list[tuple] = []
 
     def forward(self, fb, pp_proxy_tensors=None):
-        from fast_dvlm_sglang.sglang_plugin.model import _CAUSAL_PASS
+        from fast_dvlm_sglang.sglang_plugin.attention_modes import runs_bidirectional
 
-        causal = _CAUSAL_PASS.get()
+        # A causal DLLM_EXTEND forward (the verify pass), as the model itself decides.
+        causal = fb.forward_mode.is_dllm_extend() and not runs_bidirectional(fb)
         ids, pos = fb.input_ids.clone().long(), fb.positions.long()
         self.calls.append((fb.forward_mode.is_dllm_extend(), causal, tuple(fb.input_ids.shape), ids))
         if not fb.forward_mode.is_dllm_extend():
@@ -600,19 +601,3 @@ if st is not None:
         assert len(h.pool.free_slots) == h.pool.size
         free = h.alloc.get_all_free_pages()
         assert torch.unique(free).numel() == free.numel() == POOL_TOKENS // page_size
-
-
-def test_configure_server_args_turns_decode_graphs_off(sgl, tiny_checkpoints):
-    """A captured DLLM_EXTEND graph would freeze one attention mode; verify must be causal."""
-    from sglang.srt.model_executor.cuda_graph_config import Backend, default_cuda_graph_config
-    from sglang.srt.server_args import ServerArgs
-
-    from fast_dvlm_sglang.sglang_plugin.speculative import FastDVLMSpeculative
-
-    sa = ServerArgs(model_path=str(tiny_checkpoints["new"]), dllm_algorithm="FastDVLMSpeculative",
-                    cuda_graph_config=default_cuda_graph_config())
-    assert sa.cuda_graph_config.decode.backend != Backend.DISABLED
-    FastDVLMSpeculative.configure_server_args(sa)
-    decided = {k: v for _, fields in sa._resolved_overrides for k, v in fields.items()}
-    assert decided["disable_radix_cache"] is True and decided["chunked_prefill_size"] == -1
-    assert decided["cuda_graph_config"].decode.backend == Backend.DISABLED
