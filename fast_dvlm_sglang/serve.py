@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -129,11 +130,18 @@ def serve_main(argv: list[str]) -> int:
         env = dict(os.environ)
         env.pop("SGLANG_USE_CPU_ENGINE", None)
         proc = subprocess.Popen(cmd, env=env)
+        # A process manager stops us with SIGTERM (or SIGHUP when the terminal goes): pass it on,
+        # or the SGLang server outlives us and keeps the port and the memory.
+        forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
             return proc.wait()
         except KeyboardInterrupt:
             proc.terminate()
             return proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,55 @@ def test_missing_demo_is_a_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setattr(serve, "DEMO_CHECKPOINT", tmp_path / "nope")
     with pytest.raises(SystemExit, match="demo checkpoint is missing"):
         _cmd("--model", "demo")
+
+
+_SERVER_STANDIN = """
+import signal, sys, time
+from pathlib import Path
+marker = Path(sys.argv[1])
+def stop(signum, _frame):
+    marker.write_text(signal.Signals(signum).name)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGHUP, stop)
+marker.with_suffix(".tmp").write_text(str(__import__("os").getpid()))
+marker.with_suffix(".tmp").rename(marker.with_suffix(".ready"))
+while True:
+    time.sleep(0.05)
+"""
+
+_WRAPPER = """
+import sys
+from fast_dvlm_sglang import serve
+serve.build_command = lambda args, extra, config: [sys.executable, "-c", sys.argv[1], sys.argv[2]]
+raise SystemExit(serve.serve_main(["--model", sys.argv[3], "--device", "cpu"]))
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
+def test_stopping_serve_stops_the_server(tmp_path, signum):
+    # The SGLang server is a child process: a process manager's SIGTERM to `fast-dvlm serve`
+    # must reach it, or it keeps the port after we are gone.
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "stopped"
+    wrapper = subprocess.Popen([sys.executable, "-c", _WRAPPER, _SERVER_STANDIN, str(marker),
+                                str(tmp_path)])
+    deadline = time.monotonic() + 60
+    while not marker.with_suffix(".ready").exists():
+        assert wrapper.poll() is None and time.monotonic() < deadline, "stand-in never started"
+        time.sleep(0.05)
+    standin = int(marker.with_suffix(".ready").read_text())
+    try:
+        wrapper.send_signal(getattr(signal, signum))
+        assert wrapper.wait(timeout=30) == 0
+        assert marker.read_text() == signum
+    finally:
+        wrapper.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(standin, signal.SIGKILL)
