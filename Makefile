@@ -33,7 +33,7 @@ $(VENV_SGLANG)/.installed: pyproject.toml constraints-sglang.txt
 test: test-core test-sglang
 
 test-core: venv
-	$(VENV)/bin/python -m pytest -q -m "not sglang" $(PYTEST_ARGS) tests
+	$(VENV)/bin/python -m pytest -q -m "not sglang" --ignore=tests/sglang $(PYTEST_ARGS) tests
 
 test-sglang: venv-sglang
 	$(VENV_SGLANG)/bin/python -m pytest -q -m sglang $(PYTEST_ARGS) tests/sglang
