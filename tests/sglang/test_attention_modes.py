@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("sglang")
 pytestmark = pytest.mark.sglang
 
 from fast_dvlm_sglang.config import ARCHITECTURE  # noqa: E402

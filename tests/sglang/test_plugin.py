@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 
-pytest.importorskip("sglang")
 pytestmark = pytest.mark.sglang
 
 from fast_dvlm_sglang.config import ARCHITECTURE  # noqa: E402

@@ -12,7 +12,6 @@ import json
 
 import pytest
 
-pytest.importorskip("sglang")
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
 from sglang_helpers import image_url  # noqa: E402

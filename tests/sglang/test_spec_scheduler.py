@@ -22,7 +22,6 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("sglang")
 pytestmark = pytest.mark.sglang
 
 import torch  # noqa: E402

@@ -21,7 +21,6 @@ import time
 
 import pytest
 
-pytest.importorskip("sglang")
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
 from sglang_helpers import generate, image_url, prometheus_value  # noqa: E402
