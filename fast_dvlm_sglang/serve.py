@@ -70,6 +70,29 @@ def cpu_flags() -> list[str]:
             "--max-total-tokens", "8192", "--skip-server-warmup", "--tp-size", "1"]
 
 
+# On CUDA, the attention backend each dLLM algorithm is served with (what SGLang's own dLLM
+# resolution picks from the algorithm's `required_attention_backend`; written out so the command
+# line says it): spec's two-capture graphs need triton (`speculative.GRAPH_BACKEND`), MDM runs on
+# flashinfer, SGLang's dLLM graph backend. `ar` keeps SGLang's default (fa3 on Hopper).
+CUDA_ATTENTION_BACKEND = {"mdm": "flashinfer", "spec": "triton"}
+
+
+def _given(extra: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in extra)
+
+
+def cuda_flags(algorithm: str, extra: list[str]) -> list[str]:
+    """Device flags on CUDA, unless the raw SGLang args after `--` set them."""
+    flags = []
+    if not _given(extra, "--dtype"):
+        # `--dtype auto` serves a float32 checkpoint (the demo) in float16; the model is bf16.
+        flags += ["--dtype", "bfloat16"]
+    backend = CUDA_ATTENTION_BACKEND.get(algorithm)
+    if backend and not _given(extra, "--attention-backend"):
+        flags += ["--attention-backend", backend]
+    return flags
+
+
 def build_command(args: argparse.Namespace, extra: list[str], algo_config: str | None) -> list[str]:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", resolve_model(args.model),
            "--host", args.host, "--port", str(args.port)]
@@ -87,6 +110,8 @@ def build_command(args: argparse.Namespace, extra: list[str], algo_config: str |
     device = args.device if args.device != "auto" else ("cuda" if _has_cuda() else "cpu")
     if device == "cpu":
         cmd += cpu_flags()
+    else:
+        cmd += cuda_flags(args.algorithm, extra)
     if args.algorithm == "mdm":
         cmd += ["--dllm-algorithm", "FastDVLMBlock"]
         if algo_config:

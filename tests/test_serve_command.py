@@ -29,6 +29,27 @@ def test_algorithm_flags(tmp_path, algorithm, expected):
     assert "--device" not in cmd  # on CUDA SGLang's own defaults apply
 
 
+@pytest.mark.parametrize("algorithm,backend", [("ar", None), ("mdm", "flashinfer"), ("spec", "triton")])
+def test_cuda_dry_run_names_backend_dtype_and_graphs(tmp_path, capsys, algorithm, backend):
+    """`fast-dvlm serve --dry-run --device cuda`: bf16 (not SGLang's `auto`, which serves a float32
+    checkpoint such as the demo in float16), the attention backend SGLang's dLLM resolution would
+    pick for the algorithm written out, CUDA graphs left to SGLang (no --disable-cuda-graph), spec
+    graphs only with --spec-cuda-graph (a YAML with cuda_graph: true)."""
+    assert serve.serve_main(["--model", str(tmp_path), "--algorithm", algorithm, "--device", "cuda", "--dry-run"]) == 0
+    cmd = capsys.readouterr().out.split()
+    assert _flag(cmd, "--dtype") == "bfloat16"
+    assert _flag(cmd, "--attention-backend") == backend
+    assert "--disable-cuda-graph" not in cmd and "--device" not in cmd
+    assert ("--dllm-algorithm-config" in cmd) == (algorithm == "mdm")
+
+
+def test_cuda_flags_given_after_the_separator_win(tmp_path):
+    args = serve._parser().parse_args(["--model", str(tmp_path), "--algorithm", "spec", "--device", "cuda"])
+    cmd = serve.build_command(args, ["--dtype", "float16", "--attention-backend=flashinfer"], None)
+    assert _flag(cmd, "--dtype") == "float16" and cmd.count("--dtype") == 1
+    assert "--attention-backend" not in cmd and cmd[-1] == "--attention-backend=flashinfer"
+
+
 def test_spec_cuda_graph_is_an_algorithm_config(tmp_path):
     argv = ("--model", str(tmp_path), "--algorithm", "spec", "--device", "cuda", "--spec-cuda-graph")
     assert _flag(_cmd(*argv), "--dllm-algorithm-config") == "/tmp/algo.yaml"

@@ -4,11 +4,11 @@ What the subclass adds:
 - full logits for dLLM block forwards: `LogitsProcessor(config, return_full_logits=True)`, which
   SGLang only honours in `ForwardMode.DLLM_EXTEND` (sglang/srt/layers/logits_processor.py), so
   the AR path and the causal context pass still compute last-position logits only;
-- the attention mode chosen per forward: every text layer's `RadixAttention` gets a twin with
-  `attn_type=AttentionType.ENCODER_ONLY` (SGLang's bidirectional marker, as SDAR uses) sharing its
-  `layer_id` (so the same KV pages); `ModeSelectedAttention` calls the twin for `DLLM_EXTEND`
-  forwards (a block attends to itself bidirectionally and to its cached context) and the causal
-  layer otherwise (prompt/context encoding, AR decode, and `DLLM_EXTEND` forwards run inside
+- the attention mode chosen per forward (`mode_selected`): every text layer's `RadixAttention`
+  runs through a bidirectional view of itself (`attn_type=AttentionType.ENCODER_ONLY`, every
+  other attribute read live from the layer, same `layer_id` and KV pages) for `DLLM_EXTEND`
+  forwards (a block attends to itself bidirectionally and to its cached context) and causally
+  otherwise (prompt/context encoding, AR decode, and `DLLM_EXTEND` forwards run inside
   `causal_pass()`: the speculative verify pass; under CUDA graphs, one capture per mode,
   `attention_modes.py`). No layer object is mutated per forward;
 - M-RoPE positions for extend forwards that run past the prompt (a dLLM block, or the causal pass
@@ -23,7 +23,9 @@ With no `--dllm-algorithm` the class is a plain autoregressive Qwen2.5-VL (the A
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from sglang.srt.layers.logits_processor import LogitsProcessor
@@ -37,39 +39,92 @@ from .attention_modes import runs_bidirectional
 
 _TEXT_STACKED = ((".q_proj.", ".qkv_proj."), (".k_proj.", ".qkv_proj."), (".v_proj.", ".qkv_proj."))
 _MLP_STACKED = ((".gate_proj.", ".gate_up_proj."), (".up_proj.", ".gate_up_proj."))
+# KV-cache scales: checkpoints (llmcompressor's kv_cache_scheme, modelopt) store them on the
+# attention block or its k/v projections; SGLang keeps them on the RadixAttention (`attn`).
+_KV_SCALES = tuple((f".self_attn{proj}.{name}", f".self_attn.attn.{name}")
+                   for name in ("k_scale", "v_scale") for proj in ("", ".k_proj", ".v_proj", ".attn"))
 
 
-class ModeSelectedAttention(nn.Module):
-    """Causal `RadixAttention` plus an ENCODER_ONLY twin used for `DLLM_EXTEND` forwards."""
+class _BidirectionalView:
+    """Mixin of the bidirectional view of one causal attention layer (see `mode_selected`).
 
-    def __init__(self, causal: nn.Module) -> None:
-        super().__init__()
-        self.causal = causal
-        twin = object.__new__(type(causal))
-        twin.__dict__.update(causal.__dict__)  # shares buffers/params dicts: same layer, other mask
-        twin.attn_type = AttentionType.ENCODER_ONLY
-        # Not registered as a submodule: SGLang sees one attention layer per layer_id.
-        self.__dict__["bidirectional"] = twin
+    The view's instance dict holds only the layer it views; every other attribute is read from
+    (and written to) that layer at the time of use, so whatever SGLang sets on the layer after
+    loading (`k_scale_float` / `v_scale_float` of an FP8 KV cache, a quant method's state, ...)
+    is what the view sees. `attn_type` alone is the view's own: a class attribute, found because
+    the instance dict has no entry of that name.
+    """
 
-    def forward(self, q, k, v, forward_batch, *args, **kwargs):
-        layer = self.bidirectional if runs_bidirectional(forward_batch) else self.causal
-        return layer(q, k, v, forward_batch, *args, **kwargs)
+    attn_type = AttentionType.ENCODER_ONLY
+
+    def __init__(self, causal: nn.Module) -> None:  # no Module.__init__: the state is the layer's
+        object.__setattr__(self, "_viewed", causal)
 
     def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["causal"], name)
+        return getattr(object.__getattribute__(self, "_viewed"), name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(object.__getattribute__(self, "_viewed"), name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(object.__getattribute__(self, "_viewed"), name)
+
+
+def _mode_selected_forward(self, q, k, v, forward_batch, *args, **kwargs):
+    if runs_bidirectional(forward_batch):
+        return self._fast_dvlm_bidirectional(q, k, v, forward_batch, *args, **kwargs)
+    return type(self)._fast_dvlm_causal_forward(self, q, k, v, forward_batch, *args, **kwargs)
+
+
+_MODE_SELECTED_CLASSES: dict[type, type] = {}
+
+
+def _classes_for(cls: type) -> tuple[type, type]:
+    """(mode-selected class, view class) for an attention class, made once per class."""
+    if cls not in _MODE_SELECTED_CLASSES:
+        view = type(f"Bidirectional{cls.__name__}", (_BidirectionalView, cls), {})
+        selected = type(f"ModeSelected{cls.__name__}", (cls,), {
+            "forward": _mode_selected_forward, "_fast_dvlm_causal_forward": cls.forward,
+            "_fast_dvlm_view_class": view,
+        })
+        _MODE_SELECTED_CLASSES[cls] = selected
+    selected = _MODE_SELECTED_CLASSES[cls]
+    return selected, selected._fast_dvlm_view_class
+
+
+def is_mode_selected(attn: nn.Module) -> bool:
+    return hasattr(type(attn), "_fast_dvlm_causal_forward")
+
+
+def mode_selected(attn: nn.Module) -> nn.Module:
+    """Make a causal `RadixAttention` choose its attention mode per forward (idempotent).
+
+    The layer stays where it is, with its own class's behaviour and its parameter names
+    (`...self_attn.attn.k_scale` loads as for SGLang's Qwen2.5-VL): only its class becomes a
+    subclass whose `forward` runs the layer itself (causal) or, for `DLLM_EXTEND` forwards outside
+    `causal_pass()`, its bidirectional view: the same object seen with
+    `attn_type=AttentionType.ENCODER_ONLY` (SGLang's bidirectional marker, as SDAR uses), sharing
+    `layer_id` and so the same KV pages. One class change at model construction; no layer object
+    is mutated per forward.
+    """
+    if is_mode_selected(attn):
+        return attn
+    selected, view_cls = _classes_for(type(attn))
+    attn.__class__ = selected
+    # Not a submodule: SGLang sees one attention layer per layer_id.
+    attn.__dict__["_fast_dvlm_bidirectional"] = view_cls(attn)
+    return attn
+
+
+def is_kv_scale(key: str) -> bool:
+    return key.endswith((".k_scale", ".v_scale")) and ".self_attn" in key
 
 
 def sglang_param_name(key: str) -> str | None:
     """The SGLang parameter a checkpoint tensor loads into (None: not a weight, e.g. inv_freq)."""
     if "rotary_emb.inv_freq" in key:
         return None
-    if key.startswith("model.language_model."):
-        key = "model." + key[len("model.language_model."):]
-    elif key.startswith("model.visual."):
-        key = "visual." + key[len("model.visual."):]
+    key = _sglang_checkpoint_name(key)
     if key.startswith("visual."):
         key = key.replace(".attn.qkv.", ".attn.qkv_proj.")
     else:
@@ -81,12 +136,50 @@ def sglang_param_name(key: str) -> str | None:
 
 
 def _sglang_checkpoint_name(key: str) -> str:
-    """The name SGLang's Qwen2.5-VL `load_weights` expects (old layout, unfused names)."""
+    """The name SGLang's Qwen2.5-VL `load_weights` expects (old layout, unfused names; KV-cache
+    scales already under `attn`, since SGLang's loader takes unknown names literally)."""
     if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
-    if key.startswith("model.visual."):
-        return "visual." + key[len("model.visual."):]
+        key = "model." + key[len("model.language_model."):]
+    elif key.startswith("model.visual."):
+        key = "visual." + key[len("model.visual."):]
+    if is_kv_scale(key):
+        for a, b in _KV_SCALES:
+            if key.endswith(a):
+                return key[: -len(a)] + b
     return key
+
+
+def copy_to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without a sync: pinned first on CUDA (a `non_blocking` copy from
+    pageable memory is staged synchronously by the driver)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+# Set while our dLLM algorithms run their forwards: they prepared the M-RoPE positions once for
+# the round, so the model's forward does not recompute them (a context variable, as
+# `attention_modes.causal_pass`: SGLang's runners hand the model a copy of the batch).
+_INPUTS_PREPARED: ContextVar[bool] = ContextVar("fast_dvlm_inputs_prepared", default=False)
+
+
+@contextmanager
+def inputs_prepared() -> Iterator[None]:
+    token = _INPUTS_PREPARED.set(True)
+    try:
+        yield
+    finally:
+        _INPUTS_PREPARED.reset(token)
+
+
+def _mrope_delta(mm) -> int:
+    # mrope_position_delta is a host tensor (set by the processor): no device sync.
+    if mm is None or getattr(mm, "mrope_position_delta", None) is None:
+        return 0
+    return int(torch.as_tensor(mm.mrope_position_delta).reshape(-1)[0])
 
 
 def set_extend_mrope_positions(forward_batch) -> None:
@@ -95,9 +188,10 @@ def set_extend_mrope_positions(forward_batch) -> None:
     prompt, and falls back to one column per request; text positions after the prompt are
     `position + mrope_position_delta`, as in AR decoding.
 
-    Our dLLM algorithms call this before `model_runner.forward` (its eager/graph runners copy
-    `mrope_positions` into static buffers sized by the token count, which the fallback breaks for
-    a batch), and the model's forward calls it again (idempotent) for other callers.
+    Our dLLM algorithms call this once per round, before `model_runner.forward` (its eager/graph
+    runners copy `mrope_positions` into static buffers sized by the token count, which the
+    fallback breaks for a batch), and run their forwards inside `inputs_prepared()`; the model's
+    forward calls it for other callers.
     """
     mode = forward_batch.forward_mode
     if forward_batch.mrope_positions is None or mode.is_decode() or not (mode.is_extend() or mode.is_dllm_extend()):
@@ -107,6 +201,12 @@ def set_extend_mrope_positions(forward_batch) -> None:
     if not mm_inputs or lens is None or all(mm is None for mm in mm_inputs):
         return
     pos = forward_batch.positions.to(torch.long)
+    if mode.is_dllm_extend():
+        # A block starts at or after the end of its prompt: every position is past the table.
+        deltas = torch.repeat_interleave(torch.tensor([_mrope_delta(mm) for mm in mm_inputs], dtype=torch.long),
+                                         torch.tensor(list(lens), dtype=torch.long))
+        forward_batch.mrope_positions = (pos + copy_to_device(deltas, pos.device)).unsqueeze(0).repeat(3, 1)
+        return
     out = pos.unsqueeze(0).repeat(3, 1)
     start = 0
     for mm, n in zip(mm_inputs, lens):
@@ -114,12 +214,28 @@ def set_extend_mrope_positions(forward_batch) -> None:
             seg = pos[start:start + n]
             table = mm.mrope_positions.to(device=pos.device, dtype=torch.long)
             inside = seg < table.shape[1]
-            # mrope_position_delta is a host tensor (set by the processor): no device sync.
-            delta = int(torch.as_tensor(mm.mrope_position_delta).reshape(-1)[0])
             from_table = table[:, seg.clamp(max=table.shape[1] - 1)]
-            out[:, start:start + n] = torch.where(inside.unsqueeze(0), from_table, (seg + delta).unsqueeze(0))
+            out[:, start:start + n] = torch.where(inside.unsqueeze(0), from_table,
+                                                  (seg + _mrope_delta(mm)).unsqueeze(0))
         start += n
     forward_batch.mrope_positions = out
+
+
+def prepare_block_embeds(model_runner, forward_batch) -> None:
+    """The token embeddings of a `DLLM_EXTEND` batch, for SGLang's decode CUDA graphs.
+
+    SGLang's decode graph runner feeds algorithms with `requires_separate_context_encoding`
+    (ours) their embeddings through a static buffer: it captures the model with
+    `input_embeds=buffers.input_embeds[:n]` and, at replay, copies `forward_batch.input_embeds`
+    into that buffer, refusing a batch without them ("Diffusion graph replay requires prepared
+    input embeddings", model_executor/runner/decode_cuda_graph_runner.py, `load_batch`). A
+    block holds only text (seed, masks, drafts), so its embeddings are the token embeddings.
+    Call after the block's input ids are final for the next forward. Without a decode graph
+    runner (eager serving, the CPU) nothing is needed: the model embeds the ids itself.
+    """
+    if getattr(model_runner, "decode_cuda_graph_runner", None) is None:
+        return
+    forward_batch.input_embeds = model_runner.model.get_input_embeddings()(forward_batch.input_ids)
 
 
 class Fast_dVLMForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):  # noqa: N801 (HF arch name)
@@ -129,17 +245,28 @@ class Fast_dVLMForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):  # 
         if not getattr(config, "encoder_only", False):
             for layer in self.model.layers:
                 attn = getattr(getattr(layer, "self_attn", None), "attn", None)
-                if attn is not None and not isinstance(attn, ModeSelectedAttention):
-                    layer.self_attn.attn = ModeSelectedAttention(attn)
+                if attn is not None:
+                    mode_selected(attn)
         self.load_report: dict | None = None
 
     @torch.no_grad()
     def forward(self, input_ids, positions, forward_batch, input_embeds=None, get_embedding=False,
                 pp_proxy_tensors=None):
-        if self.is_mrope_enabled:
+        if self.is_mrope_enabled and not _INPUTS_PREPARED.get():
             set_extend_mrope_positions(forward_batch)
+        if input_embeds is not None and forward_batch.forward_mode.is_dllm_extend() and not get_embedding:
+            return self._forward_block_embeds(input_ids, forward_batch, input_embeds)
+        # Qwen2.5-VL's forward embeds `input_ids` itself (images included) and ignores `input_embeds`.
         return super().forward(input_ids, positions, forward_batch, input_embeds=input_embeds,
                                get_embedding=get_embedding, pp_proxy_tensors=pp_proxy_tensors)
+
+    def _forward_block_embeds(self, input_ids, forward_batch, input_embeds):
+        """A dLLM block from its token embeddings (`prepare_block_embeds`): the graph-captured
+        path, where the embeddings come from SGLang's static buffer."""
+        positions = forward_batch.mrope_positions if self.is_mrope_enabled else forward_batch.positions
+        embeds = input_embeds.to(self.model.embed_tokens.weight.dtype)  # SGLang's eager path casts to bf16
+        hidden = self.model(input_ids=None, positions=positions, forward_batch=forward_batch, input_embeds=embeds)
+        return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
 
     # ---- weights ---------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
@@ -147,6 +274,7 @@ class Fast_dVLMForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):  # 
         tied = bool(getattr(self.config, "tie_word_embeddings", False))
         written: set[str] = set()
         unused: list[str] = []
+        ignored_kv_scales: list[str] = []
 
         def renamed():
             for key, tensor in weights:
@@ -154,17 +282,21 @@ class Fast_dVLMForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):  # 
                 if target is None:
                     continue
                 if target not in params:
-                    unused.append(key)
+                    # Calibrated KV scales with an unquantized KV cache: nothing to load them into
+                    # (SGLang's own loaders skip them too); anything else is a mismatch.
+                    (ignored_kv_scales if is_kv_scale(key) else unused).append(key)
                     continue
                 written.add(target)
                 yield _sglang_checkpoint_name(key), tensor
 
         super().load_weights(renamed())
-        expected = set(params)
+        # Parameters SGLang allows a checkpoint to omit (KV-cache scales default to 1.0).
+        expected = {name for name, p in params.items() if not getattr(p, "_skip_weight_check", False)}
         if tied:
             expected.discard("lm_head.weight")
         missing = sorted(expected - written)
-        self.load_report = {"written": len(written), "unused": unused, "missing": missing}
+        self.load_report = {"written": len(written), "unused": unused, "missing": missing,
+                            "ignored_kv_scales": ignored_kv_scales}
         if unused or missing:
             raise ValueError(
                 f"{ARCHITECTURE}: checkpoint/model mismatch: unused checkpoint tensors {unused[:8]}"

@@ -49,6 +49,7 @@ Per-request state lives on the request; this object holds configuration only.
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +65,7 @@ from fast_dvlm_sglang.decoding.spec import accept_longest_prefix
 from . import SPEC_ALGORITHM_NAME as ALGORITHM_NAME
 from .algorithm import require_whole_context_passes
 from .attention_modes import algorithm_config, causal_pass, check_graph_runner
-from .model import set_extend_mrope_positions
+from .model import copy_to_device, inputs_prepared, prepare_block_embeds, set_extend_mrope_positions
 
 UNLIMITED = 1 << 30
 
@@ -107,7 +108,9 @@ class SpecState:
         if self.greedy or self.generator is not None:
             return self
         gen = torch.Generator(device=device)
-        gen.manual_seed(self.sampling_seed if self.sampling_seed is not None else torch.seed())
+        # An unseeded request draws its seed from the OS: torch.seed() would reseed the process's
+        # global (and CUDA) generators on every such request.
+        gen.manual_seed(self.sampling_seed if self.sampling_seed is not None else secrets.randbits(63))
         return dataclasses.replace(self, generator=gen)
 
 
@@ -122,9 +125,27 @@ def choose_tokens(logits: torch.Tensor, states: list[SpecState], lengths: list[i
     return tokens
 
 
+# Why spec's two-capture CUDA graphs need the triton backend (`cuda_graph: true`). Both captures
+# of a batch size must read the attention metadata that the replay refreshes. SGLang's triton
+# backend keeps its DLLM_EXTEND metadata in shared buffers that `init_forward_metadata_out_graph`
+# refills before every replay (layers/attention/triton_backend.py `_update_dllm_buffers`).
+# flashinfer creates new prefill wrappers at each capture and stores them by batch size only
+# (flashinfer_backend.py `_prepare_cuda_graph_metadata`); a replay re-plans the last set, so the
+# first-captured (bidirectional) graph would keep its capture-time plan and draft over a wrong
+# slice of the context: outputs stay correct (the verify decides) but acceptance collapses.
+GRAPH_BACKEND = "triton"
+
+
 class FastDVLMSpeculative(DllmAlgorithm):
     supported_architectures = (ARCHITECTURE,)
     requires_separate_context_encoding = True
+    # Backends with a DLLM_EXTEND path that honours the layer's attention type per forward (the
+    # draft's ENCODER_ONLY view, the verify's causal layer). SGLang's dLLM resolution
+    # (arg_groups/overrides.py `_dllm_attention_backend`, before `configure_server_args`) keeps
+    # these and replaces any other (fa3, SGLang's default on Hopper, has no DLLM_EXTEND
+    # metadata) by the required one, the backend whose graphs are right for both passes.
+    supported_attention_backends = ("triton", "flashinfer", "torch_native")
+    required_attention_backend = GRAPH_BACKEND
 
     def __init__(self, config: DllmConfig):
         super().__init__(config)
@@ -141,12 +162,15 @@ class FastDVLMSpeculative(DllmAlgorithm):
         if graphs is None or graphs.decode.backend == Backend.DISABLED:
             return
         if algorithm_config(view.dllm_algorithm_config).get("cuda_graph", False):
-            # Two captures per batch size, bidirectional and causal (`attention_modes.py`), on
-            # the backend SGLang's dLLM pass picks for graphs; the triton backend brings its own
-            # dLLM graph variants, which have no causal capture.
-            if view.attention_backend not in (None, "flashinfer"):
-                raise ValueError(f"{cls.__name__} with cuda_graph: true needs the flashinfer attention "
-                                 f"backend, got {view.attention_backend}")
+            # Two captures per batch size, bidirectional and causal (`attention_modes.py`).
+            backends = {view.attention_backend, view.decode_attention_backend} - {None}
+            if backends != {GRAPH_BACKEND}:
+                raise ValueError(
+                    f"{cls.__name__} with cuda_graph: true needs --attention-backend {GRAPH_BACKEND}, got "
+                    f"{', '.join(sorted(map(str, backends))) or 'none'}: its draft and verify graphs must both "
+                    "read the attention metadata refreshed at replay (flashinfer keeps one plan per capture "
+                    "and would replay the draft with a stale one)"
+                )
             return
         # One captured DLLM_EXTEND graph would freeze one attention mode; verify must be causal.
         declare_resolution(server_args, cls.__name__, cuda_graph_config=with_phase(
@@ -194,7 +218,8 @@ class FastDVLMSpeculative(DllmAlgorithm):
         if forward_batch.input_ids.numel() == 0:
             return None, [], None, None, False
         set_extend_mrope_positions(forward_batch)
-        out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
+        with inputs_prepared():
+            out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
         logits = out.logits_output.next_token_logits  # [bs, V]: the last position of each context
         bs = logits.shape[0]
         # No state: a request SGLang is aborting (it still runs one tiny prefill); greedy is fine.
@@ -210,26 +235,32 @@ class FastDVLMSpeculative(DllmAlgorithm):
         ids = forward_batch.input_ids.view(bs, size)
         # Verify tokens a row uses: the seed's successor and its draft's, up to the budget left
         # after the seed (the reference decoder's `length`: same draws from the same generator).
-        host = torch.tensor([[s.seed, max(1, min(size, s.budget - 1))] for s in states], dtype=torch.long)
-        meta = host.to(ids.device, non_blocking=True)
-        lengths = host[:, 1].tolist()  # host values, no device sync
-        set_extend_mrope_positions(forward_batch)
+        lengths = [max(1, min(size, s.budget - 1)) for s in states]
+        meta = copy_to_device(torch.tensor([[s.seed, n] for s, n in zip(states, lengths)], dtype=torch.long),
+                              ids.device)
+        set_extend_mrope_positions(forward_batch)  # once per round: both passes share positions
 
-        # Draft: [seed, MASK...] block-bidirectional; d_j = argmax(logits[j-1]) (token shift).
-        # Skipped when no row has room for a draft token (each needs only its seed's successor).
-        ids[:, 0].copy_(meta[:, 0])
-        ids[:, 1:].fill_(self.mask_id)
-        drafted = max(lengths) > 1
-        if drafted:
-            out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
-            draft = out.logits_output.full_logits.view(bs, size, -1)[:, :-1].argmax(dim=-1)
-            ids[:, 1:].copy_(draft)
-        else:
-            draft = ids[:, 1:].long()
+        with inputs_prepared():
+            # Draft: [seed, MASK...] block-bidirectional; d_j = argmax(logits[j-1]) (token shift).
+            # Skipped when no row has room for a draft token (each needs only its seed's successor).
+            ids[:, 0].copy_(meta[:, 0])
+            ids[:, 1:].fill_(self.mask_id)
+            drafted = max(lengths) > 1
+            if drafted:
+                prepare_block_embeds(model_runner, forward_batch)
+                out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
+                # The verify pass attends over the same slots and context: the attention metadata
+                # just planned serves it too (what SGLang's own dLLM loop does between steps).
+                forward_batch.mark_forward_metadata_ready(replan_equivalent=True)
+                draft = out.logits_output.full_logits.view(bs, size, -1)[:, :-1].argmax(dim=-1)
+                ids[:, 1:].copy_(draft)
+            else:
+                draft = ids[:, 1:].long()
 
-        # Verify: [seed, d_1..d_{B-1}] causal; writes the KV kept for the committed tokens.
-        with causal_pass():
-            out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
+            # Verify: [seed, d_1..d_{B-1}] causal; writes the KV kept for the committed tokens.
+            prepare_block_embeds(model_runner, forward_batch)
+            with causal_pass():
+                out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
         verify = choose_tokens(out.logits_output.full_logits.view(bs, size, -1), states, lengths)
 
         # Accept d_1..d_k with k < lengths (the seed is committed too), then v_{k+1} seeds.

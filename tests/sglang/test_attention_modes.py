@@ -54,10 +54,10 @@ def test_layer_choice_eager_and_while_capturing(capture_variant, capturing, in_c
     of our variants, the variant alone decides (the graph then replays for matching forwards)."""
     from sglang.srt.layers.radix_attention import AttentionType
 
-    from fast_dvlm_sglang.sglang_plugin.model import ModeSelectedAttention
+    from fast_dvlm_sglang.sglang_plugin.model import mode_selected
 
-    layer = ModeSelectedAttention(RecordingAttention())
-    assert layer.layer_id == 3 and layer.bidirectional.layer_id == 3  # same KV pages
+    layer = mode_selected(RecordingAttention())
+    assert layer.layer_id == 3 and layer._fast_dvlm_bidirectional.layer_id == 3  # same KV pages
     capture_variant(capturing)
     fb = _batch(mode)
     if capturing is not None:
@@ -70,6 +70,69 @@ def test_layer_choice_eager_and_while_capturing(capture_variant, capturing, in_c
     else:
         got = layer(None, None, None, fb)
     assert got == (AttentionType.ENCODER_ONLY if expect_bidirectional else AttentionType.DECODER)
+
+
+def _radix_attention(with_kv_scales: bool):
+    """A real SGLang RadixAttention inside a Qwen-like `self_attn` block; with an FP8 KV cache's
+    quant method, its `k_scale` / `v_scale` parameters (BaseKVCacheMethod.create_weights)."""
+    from sglang.srt.layers.quantization.kv_cache import BaseKVCacheMethod
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    attn = RadixAttention(4, 8, 0.35, 2, layer_id=5)
+    if with_kv_scales:
+        BaseKVCacheMethod(None).create_weights(attn)
+    block = torch.nn.Module()
+    block.attn = attn
+    return block
+
+
+def test_bidirectional_view_is_live_and_names_are_sglangs():
+    """The bidirectional side is a view of the causal layer, not a snapshot: attributes SGLang
+    sets after loading (the FP8 KV cache's float scales) are what it attends with, and the
+    layer's parameters keep SGLang's names (`attn.k_scale`, loadable from checkpoints)."""
+    from sglang.srt.layers.quantization.kv_cache import BaseKVCacheMethod
+    from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
+
+    from fast_dvlm_sglang.sglang_plugin.model import is_mode_selected, mode_selected
+
+    block = _radix_attention(with_kv_scales=True)
+    attn = mode_selected(block.attn)
+    assert mode_selected(attn) is attn and is_mode_selected(attn) and block.attn is attn  # idempotent, in place
+    view = attn._fast_dvlm_bidirectional
+    assert isinstance(view, RadixAttention) and isinstance(attn, RadixAttention)
+    assert sorted(n for n, _ in block.named_parameters()) == ["attn.k_scale", "attn.v_scale"]
+    assert [m for m in block.modules() if isinstance(m, RadixAttention)] == [attn]  # one layer per layer_id
+    with torch.no_grad():
+        attn.k_scale.fill_(0.5)
+        attn.v_scale.fill_(0.25)
+    BaseKVCacheMethod(None).process_weights_after_loading(attn)  # sets k_scale_float / v_scale_float
+    assert (attn.k_scale_float, attn.v_scale_float) == (0.5, 0.25)
+    assert (view.k_scale_float, view.v_scale_float) == (0.5, 0.25)
+    assert view.k_scale is attn.k_scale and view.layer_id == attn.layer_id == 5
+    attn.sliding_window_size = 7  # anything set on the layer later, too
+    assert view.sliding_window_size == 7
+    assert attn.attn_type == AttentionType.DECODER and view.attn_type == AttentionType.ENCODER_ONLY
+
+
+def test_mode_selected_layer_runs_the_backend_with_the_right_layer(monkeypatch):
+    """The real RadixAttention.forward hands the attention backend the causal layer or its view."""
+    from sglang.srt.layers import radix_attention as ra
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    from fast_dvlm_sglang.sglang_plugin.model import mode_selected
+
+    seen = []
+    backend = SimpleNamespace(forward=lambda q, k, v, layer, fb, save, **kw: seen.append(layer.attn_type) or q)
+    monkeypatch.setattr(ra, "get_attn_backend", lambda: backend)
+    monkeypatch.setattr(ra, "padded_extend_real_tokens", lambda q, fb: None)
+    attn = mode_selected(_radix_attention(with_kv_scales=False).attn)
+    q = torch.zeros(2, 32)
+    kv = torch.zeros(2, 16)
+    attn(q, kv, kv, _batch("DLLM_EXTEND"))
+    with am.causal_pass():
+        attn(q, kv, kv, _batch("DLLM_EXTEND"))
+    attn(q, kv, kv, _batch("EXTEND"))
+    assert seen == [AttentionType.ENCODER_ONLY, AttentionType.DECODER, AttentionType.DECODER]
 
 
 def test_replay_selects_the_capture_the_forward_needs():
@@ -131,45 +194,80 @@ def test_graph_runner_without_a_causal_capture_is_refused():
             am.check_graph_runner(SimpleNamespace(decode_cuda_graph_runner=runner))
 
 
-@pytest.mark.parametrize("yaml_text,backend,graphs_kept", [
-    (None, None, False),
-    ("cuda_graph: false\n", None, False),
-    ("cuda_graph: true\n", None, True),
-    ("cuda_graph: true\n", "flashinfer", True),
-])
-def test_configure_server_args_keeps_graphs_only_when_opted_in(sgl_server_args, tmp_path, yaml_text, backend, graphs_kept):
+# What SGLang's dLLM resolution (`arg_groups/dllm_hook.py` `handle_dllm_inference`: its
+# `_dllm_attention_backend`, then our `configure_server_args`, then its page-size pass) makes of
+# the attention backend left by the earlier passes (fa3: SGLang's default on Hopper) and decode
+# CUDA graphs on/off. (backend asked, graphs on) -> (backend served, graphs kept) or an error.
+MDM = {"flashinfer": "flashinfer", "fa3": "flashinfer", "triton": "triton", "torch_native": "torch_native"}
+SPEC = {"flashinfer": "flashinfer", "fa3": "triton", "triton": "triton", "torch_native": "torch_native"}
+RESOLUTION_CASES = (
+    [("FastDVLMBlock", None, asked, graphs, MDM[asked], graphs) for asked in MDM for graphs in (True, False)]
+    # spec runs its rounds eagerly unless it opted in to its two-capture graphs
+    + [("FastDVLMSpeculative", None, asked, graphs, SPEC[asked], False) for asked in SPEC for graphs in (True, False)]
+    + [("FastDVLMSpeculative", "cuda_graph: true\n", asked, False, SPEC[asked], False) for asked in SPEC]
+    + [("FastDVLMSpeculative", "cuda_graph: true\n", asked, True, served, True)
+       for asked, served in (("fa3", "triton"), ("triton", "triton"))]
+    + [("FastDVLMSpeculative", "cuda_graph: true\n", asked, True, ValueError, None)
+       for asked in ("flashinfer", "torch_native")]
+)
+
+
+@pytest.mark.parametrize("algorithm,yaml_text,asked,graphs,served,graphs_kept", RESOLUTION_CASES)
+def test_sglang_dllm_resolution_keeps_a_backend_that_serves_our_blocks(sgl_server_args, tmp_path, algorithm,
+                                                                       yaml_text, asked, graphs, served, graphs_kept):
+    """fa3 has no DLLM_EXTEND metadata and used to survive with graphs off; a user's triton used to
+    be replaced by flashinfer with graphs on; spec's graphs need the backend whose DLLM_EXTEND
+    metadata lives in buffers refreshed at every replay (triton), not flashinfer's per-capture plans."""
+    from sglang.srt.arg_groups.dllm_hook import handle_dllm_inference
+    from sglang.srt.arg_groups.overrides import resolving_view
     from sglang.srt.model_executor.cuda_graph_config import Backend
 
-    from fast_dvlm_sglang.sglang_plugin.speculative import FastDVLMSpeculative
-
     path = None if yaml_text is None else _write_yaml(tmp_path, yaml_text)
-    sa = sgl_server_args(dllm_algorithm_config=path, attention_backend=backend)
-    FastDVLMSpeculative.configure_server_args(sa)
-    decided = {k: v for _, fields in sa._resolved_overrides for k, v in fields.items()}
-    assert decided["disable_radix_cache"] is True and decided["chunked_prefill_size"] == -1
-    assert ("cuda_graph_config" not in decided) == graphs_kept
-    if not graphs_kept:
-        assert decided["cuda_graph_config"].decode.backend == Backend.DISABLED
+    sa = sgl_server_args(algorithm=algorithm, dllm_algorithm_config=path, attention_backend=asked, graphs=graphs)
+    if served is ValueError:
+        with pytest.raises(ValueError, match="needs --attention-backend triton.*stale"):
+            handle_dllm_inference(sa)
+        return
+    handle_dllm_inference(sa)
+    view = resolving_view(sa)
+    assert view.attention_backend == served
+    assert {view.prefill_attention_backend, view.decode_attention_backend} <= {None, served}
+    assert (view.cuda_graph_config.decode.backend != Backend.DISABLED) == graphs_kept
+    assert view.disable_radix_cache is True and view.chunked_prefill_size == -1
 
 
-def test_cuda_graph_opt_in_refuses_a_backend_without_our_variants(sgl_server_args, tmp_path):
+def test_dllm_resolution_reads_our_declarations():
+    """Source pin: the resolution reads exactly the class attributes our algorithms declare."""
+    import inspect
+
+    from sglang.srt.arg_groups.overrides import _dllm_attention_backend
+
+    from fast_dvlm_sglang.sglang_plugin.algorithm import FastDVLMBlock
     from fast_dvlm_sglang.sglang_plugin.speculative import FastDVLMSpeculative
 
-    sa = sgl_server_args(dllm_algorithm_config=_write_yaml(tmp_path, "cuda_graph: true\n"),
-                         attention_backend="triton")
-    with pytest.raises(ValueError, match="needs the flashinfer attention backend"):
-        FastDVLMSpeculative.configure_server_args(sa)
+    source = inspect.getsource(_dllm_attention_backend)
+    assert "algorithm_cls.supported_attention_backends" in source and "algorithm_cls.required_attention_backend" in source
+    for cls in (FastDVLMBlock, FastDVLMSpeculative):
+        assert cls.required_attention_backend in cls.supported_attention_backends
+        assert "fa3" not in cls.supported_attention_backends
 
 
 @pytest.fixture
 def sgl_server_args(tiny_checkpoints):
-    from sglang.srt.model_executor.cuda_graph_config import Backend, default_cuda_graph_config
+    """ServerArgs as the resolution pipeline hands them to its dLLM pass (page size resolved)."""
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, default_cuda_graph_config, with_phase
+    from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import ServerArgs
 
-    def make(**kwargs):
-        sa = ServerArgs(model_path=str(tiny_checkpoints["new"]), dllm_algorithm="FastDVLMSpeculative",
-                        cuda_graph_config=default_cuda_graph_config(), **kwargs)
-        assert sa.cuda_graph_config.decode.backend != Backend.DISABLED
+    load_plugins()
+
+    def make(algorithm="FastDVLMSpeculative", graphs=True, **kwargs):
+        graph_config = default_cuda_graph_config()
+        if not graphs:
+            graph_config = with_phase(graph_config, Phase.DECODE, backend=Backend.DISABLED)
+        sa = ServerArgs(model_path=str(tiny_checkpoints["new"]), dllm_algorithm=algorithm, page_size=1,
+                        cuda_graph_config=graph_config, **kwargs)
+        assert (sa.cuda_graph_config.decode.backend != Backend.DISABLED) == graphs
         return sa
 
     return make

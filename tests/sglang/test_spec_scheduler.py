@@ -68,16 +68,40 @@ def oracle(prompt: list[int], n: int, eos: set[int]) -> list[int]:
     return out
 
 
+class FakeForwardBatch(SimpleNamespace):
+    """The ForwardBatch fields our algorithms read, with SGLang's own metadata-planning marker
+    (`ForwardBatch.mark_forward_metadata_ready` / `needs_forward_metadata_init`, the real methods)."""
+
+    forward_metadata_ready = False
+    forward_metadata_replan_equivalent = False
+    input_embeds = None
+
+    def __init__(self, **fields):
+        from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+        super().__init__(**fields)
+        for name in ("mark_forward_metadata_ready", "needs_forward_metadata_init"):
+            setattr(self, name, getattr(ForwardBatch, name).__get__(self))
+
+
 class FakeRunner:
     """`model_runner.forward` of a Markov LM: causal logits are the AR truth; the bidirectional
-    draft chains the truth from the seed, wrong where a hash of (seed, position) says so."""
+    draft chains the truth from the seed, wrong where a hash of (seed, position) says so.
+
+    It plans attention metadata as SGLang's runners do (eager_runner.py `_execute_extend`,
+    decode_cuda_graph_runner.py `load_batch`: only when `needs_forward_metadata_init()`) and
+    counts the plans (`metadata_inits`)."""
 
     def __init__(self, wrong_every: int = 5):
         self.wrong_every = wrong_every
         self.calls: list[tuple] = []
+        self.metadata_inits = 0
 
     def forward(self, fb, pp_proxy_tensors=None):
         from fast_dvlm_sglang.sglang_plugin.attention_modes import runs_bidirectional
+
+        if fb.needs_forward_metadata_init():
+            self.metadata_inits += 1
 
         # A causal DLLM_EXTEND forward (the verify pass), as the model itself decides.
         causal = fb.forward_mode.is_dllm_extend() and not runs_bidirectional(fb)
@@ -238,9 +262,9 @@ class Harness:
         else:
             positions = torch.cat([torch.arange(r.dllm_block_offset, r.dllm_block_offset + self.block_size)
                                    for r in batch_reqs])
-        fb = SimpleNamespace(input_ids=batch.prefill_input_ids_cpu.clone(), positions=positions, forward_mode=mode,
-                             batch_size=len(batch_reqs), sampling_info=None, mrope_positions=None,
-                             extend_seq_lens=torch.tensor([r.extend_len for r in batch_reqs]))
+        fb = FakeForwardBatch(input_ids=batch.prefill_input_ids_cpu.clone(), positions=positions, forward_mode=mode,
+                              batch_size=len(batch_reqs), sampling_info=None, mrope_positions=None,
+                              extend_seq_lens=torch.tensor([r.extend_len for r in batch_reqs]))
         free_before = self.alloc.available_size()
         _, next_ids, accept, states, graph = self.algo.run(self.runner, fb, [r.dllm_algo_state for r in batch_reqs])
         result = SimpleNamespace(copy_done=None, next_token_ids=next_ids, accept_length_per_req_cpu=accept,
@@ -600,3 +624,164 @@ if st is not None:
         assert len(h.pool.free_slots) == h.pool.size
         free = h.alloc.get_all_free_pages()
         assert torch.unique(free).numel() == free.numel() == POOL_TOKENS // page_size
+
+
+# ---- per-round cost and SGLang's CUDA-graph inputs ----------------------------------------------
+_HOST_SYNCS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
+               torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}
+
+
+class _CountHostSyncs(torch.overrides.TorchFunctionMode):
+    """Counts the tensor-to-host reads (each one a device sync on a GPU) made by our code; the
+    runner's own work is not counted (`paused`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.paused = 0, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_SYNCS and not self.paused:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_metadata_plan_and_one_host_sync_per_round(sgl, monkeypatch):
+    """A round's draft and verify share slots and context, so the attention metadata planned for
+    the draft serves the verify (SGLang's `mark_forward_metadata_ready`): one plan per round,
+    not two. One host sync per round: the packed accept lengths, seeds and block ids. M-RoPE
+    positions computed once per round (the model's forward does not redo them, test_cuda_paths)."""
+    from fast_dvlm_sglang.sglang_plugin import speculative
+
+    positions = []
+    compute = speculative.set_extend_mrope_positions
+    monkeypatch.setattr(speculative, "set_extend_mrope_positions", lambda fb: positions.append(fb) or compute(fb))
+    h = Harness(4)
+    for plen, n in ((3, 30), (9, 17), (5, 40)):
+        h.add(list(range(1, plen + 1)), max_new_tokens=n)
+    counter, syncs_per_round = _CountHostSyncs(), []
+    run_round, forward = h.algo._round, h.runner.forward
+
+    def counted_round(*args):
+        counter.count = 0
+        with counter:
+            result = run_round(*args)
+        syncs_per_round.append(counter.count)
+        return result
+
+    def uncounted_forward(*args, **kwargs):
+        counter.paused = True
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            counter.paused = False
+
+    h.algo._round, h.runner.forward = counted_round, uncounted_forward
+    h.run()
+    contexts = sum(1 for c in h.runner.calls if not c[0])
+    rounds = sum(1 for c in h.runner.calls if c[1])  # one causal verify per round
+    assert rounds == len(syncs_per_round) > 3
+    assert h.runner.metadata_inits == contexts + rounds
+    assert syncs_per_round == [1] * rounds
+    assert len(positions) == contexts + rounds
+    for req in h.done:
+        assert _ids(req) == oracle(list(req.origin_input_ids), req.sampling_params.max_new_tokens, set())
+
+
+def test_planning_is_skipped_only_where_sglang_checks_the_marker():
+    """Source pins: the marker the round sets is what SGLang's eager and graph runners consult
+    before planning attention metadata (what `FakeRunner` mimics)."""
+    import inspect
+
+    from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+    from sglang.srt.model_executor.runner.eager_runner import EagerRunner
+
+    eager = inspect.getsource(EagerRunner._execute_extend)
+    assert "forward_batch.needs_forward_metadata_init()" in eager
+    assert eager.index("needs_forward_metadata_init()") < eager.index("init_forward_metadata(")
+    assert "if not forward_batch.needs_forward_metadata_init():" in inspect.getsource(DecodeCudaGraphRunner.load_batch)
+
+
+class _PastTheCheck(Exception):
+    pass
+
+
+class GraphRunnerStub:
+    """What `DecodeCudaGraphRunner.__init__` sets for our algorithms (requires_separate_context_
+    encoding: `dllm_uses_input_embeds`; no `capture_input_preparation`), spec's two variants; any
+    other attribute means `load_batch` got past its input-embedding check."""
+
+    dllm_uses_input_embeds = True
+    dllm_input_preparation = None
+
+    def __init__(self):
+        from fast_dvlm_sglang.sglang_plugin.attention_modes import SpecAttentionModes
+
+        self.attention_graph_variants = SpecAttentionModes()
+
+    def __getattr__(self, name):
+        raise _PastTheCheck(name)
+
+
+class GraphReplayRunner(FakeRunner):
+    """A model runner whose DLLM_EXTEND forwards replay a decode CUDA graph: each goes through
+    SGLang's real `DecodeCudaGraphRunner.load_batch` check, then the captured graph reads the
+    block's embeddings from the batch (asserted equal to the ids' embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.decode_cuda_graph_runner = GraphRunnerStub()
+        embed = torch.nn.Embedding(V, 4)
+        self.model = SimpleNamespace(get_input_embeddings=lambda: embed)
+        self.replays = 0
+
+    def forward(self, fb, pp_proxy_tensors=None):
+        from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+
+        if fb.forward_mode.is_dllm_extend():
+            with pytest.raises(_PastTheCheck):
+                DecodeCudaGraphRunner.load_batch(self.decode_cuda_graph_runner, fb)
+            embed = self.model.get_input_embeddings()
+            assert torch.equal(fb.input_embeds, embed(fb.input_ids)), "stale block embeddings"
+            self.replays += 1
+        return super().forward(fb, pp_proxy_tensors)
+
+
+def test_graph_replay_has_the_block_embeddings_of_every_pass(sgl):
+    """SGLang's decode graph runner refuses a DLLM_EXTEND replay without `input_embeds` for an
+    algorithm with separate context encoding ("Diffusion graph replay requires prepared input
+    embeddings"); spec's draft and verify passes each bring the embeddings of their own ids."""
+    import inspect
+
+    from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+
+    source = inspect.getsource(DecodeCudaGraphRunner.__init__)
+    assert "self.dllm_uses_input_embeds = (\n            self.is_dllm and self.dllm_config.requires_separate_context_encoding" in source
+    h = Harness(1)
+    h.runner = GraphReplayRunner()
+    for plen, n in ((3, 20), (7, 9)):
+        h.add(list(range(1, plen + 1)), max_new_tokens=n)
+    h.run()
+    assert h.runner.replays == sum(1 for c in h.runner.calls if c[0]) > 2
+    for req in h.done:
+        assert _ids(req) == oracle(list(req.origin_input_ids), req.sampling_params.max_new_tokens, set())
+
+
+def test_mdm_graph_replay_has_the_block_embeddings(sgl):
+    from sglang.srt.dllm.config import DllmConfig
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from fast_dvlm_sglang.sglang_plugin.algorithm import FastDVLMBlock
+
+    bs, size = 2, 8
+    algo = FastDVLMBlock(DllmConfig("FastDVLMBlock", {"sub_block_size": 4, "threshold": 0.5}, size, MASK, bs,
+                                    first_done_first_out_mode=True, requires_separate_context_encoding=True))
+    runner = GraphReplayRunner()
+    fb = FakeForwardBatch(input_ids=torch.full((bs * size,), MASK), forward_mode=ForwardMode.DLLM_EXTEND,
+                          positions=torch.cat([torch.arange(5, 5 + size), torch.arange(9, 9 + size)]),
+                          batch_size=bs, mrope_positions=None)
+    states = [{"first_token": 3, "masked": None}, {"first_token": 4, "masked": None}]
+    for _ in range(size):
+        _, ids, done, states, _ = algo.run(runner, fb, states)
+        if all(d == size for d in done):
+            break
+    assert runner.replays >= 2 and all(d == size for d in done)
