@@ -24,7 +24,7 @@ def free_port() -> int:
 class ServeProcess:
     def __init__(self, model: str | Path, algorithm: str, log: Path, *, max_running: int | None = None,
                  api_key: str | None = None, sglang_args: list[str] | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, serve_args: list[str] | None = None):
         self.model, self.algorithm, self.api_key = str(model), algorithm, api_key
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -33,6 +33,7 @@ class ServeProcess:
             argv += ["--max-running-requests", str(max_running)]
         if api_key:
             argv += ["--api-key", api_key]
+        argv += serve_args or []  # more `fast-dvlm serve` flags (e.g. --device cuda --spec-cuda-graph)
         if sglang_args:  # passed through to SGLang after `--`
             argv += ["--", *sglang_args]
         self.log = Path(log)
@@ -46,7 +47,7 @@ class ServeProcess:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def wait_ready(self, timeout: float = 240.0) -> float:
+    def wait_ready(self, timeout: float = 480.0) -> float:
         """Block until `/health` answers 200; returns the seconds since the process started."""
         import httpx
 

@@ -4,11 +4,21 @@ Within a block, positions are filled sub-block by sub-block. Each iteration forw
 block block-bidirectionally; with token shift the logits at block position j-1 predict token j.
 A step commits every still-masked position of the current sub-block whose confidence exceeds
 the threshold, and at least the single most confident one, so every step makes progress.
+The mask token itself is never a candidate (`without_mask`): it would be emitted as text.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def without_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """A copy of `logits` [..., V] in which the mask token can never be chosen (its logit -inf).
+
+    Committing |<MASK>| would show it in the answer; Fast-dLLM's own loop, which finds the
+    positions left to fill by their id, would never end.
+    """
+    return logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
 
 
 def confidence_unmask(
@@ -27,10 +37,14 @@ def confidence_unmask(
 
 
 def select_unmask(
-    logits: torch.Tensor, is_masked: torch.Tensor, active: torch.Tensor, threshold: float
+    logits: torch.Tensor, is_masked: torch.Tensor, active: torch.Tensor, threshold: float, *, mask_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy form: (argmax tokens [B, L], positions to commit [B, L]) from shifted logits [B, L, V]."""
-    conf, tokens = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+    """Greedy form: (argmax tokens [B, L], positions to commit [B, L]) from shifted logits [B, L, V].
+
+    The mask token is excluded before the softmax, so it is neither chosen nor counted in the
+    confidence (the reference's `sample_tokens(without_mask(...))` computes the same numbers).
+    """
+    conf, tokens = torch.softmax(without_mask(logits.float(), mask_id), dim=-1).max(dim=-1)
     return tokens, confidence_unmask(conf, is_masked, active, threshold)
 
 
@@ -50,26 +64,34 @@ def mdm_decode(session, out, params, generator, *, block_size: int, sub_block_si
 
     The first token of every block comes from causal logits (the prompt prefill, then each
     block's KV-write forward), exactly as an AR step would produce it; the diffusion iterations
-    fill the other block_size - 1 positions.
+    fill the other block_size - 1 positions. Every block is a full `block_size` block, also the
+    last one: the SGLang plugin denoises a whole block and the scheduler only then cuts it at
+    max_new_tokens or a stop, and the bidirectional context of the masked tail changes what the
+    filled positions become. `out` applies that cut.
+
+    NFE (`session.nfe`) counts every forward this loop runs after the prefill: each diffusion
+    iteration and each block's KV write (none after the last block). Denoising stops as soon as
+    the filled prefix of a block decides the output (`_ends_inside`); the server does not look
+    for that and completes the block, so on an answer that ends inside a block it runs up to one
+    forward per position left masked after the cut more than counted here.
     """
     from .sampling import sample_tokens
 
     device = session.model.device
     logits = session.prefill()
     while True:
-        first = sample_tokens(logits, params, generator)[0]
-        length = min(block_size, out.remaining)
-        block = torch.full((length,), mask_id, dtype=torch.long, device=device)
+        first = sample_tokens(without_mask(logits, mask_id), params, generator)[0]
+        block = torch.full((block_size,), mask_id, dtype=torch.long, device=device)
         block[0] = first
-        masked = torch.ones(length, dtype=torch.bool, device=device)
+        masked = torch.ones(block_size, dtype=torch.bool, device=device)
         masked[0] = False
-        for index in range(-(-length // sub_block_size)):
-            active = sub_block_active(length, sub_block_size, index, device=device)
+        for index in range(-(-block_size // sub_block_size)):
+            active = sub_block_active(block_size, sub_block_size, index, device=device)
             while bool((masked & active).any()):
                 if _ends_inside(block, masked, out):
                     return
                 block_logits = session.forward(block, bidirectional=True, write=False)
-                tokens, conf = sample_tokens(shift_logits(block_logits), params, generator)
+                tokens, conf = sample_tokens(without_mask(shift_logits(block_logits), mask_id), params, generator)
                 commit = confidence_unmask(conf[None], masked[None], active[None], threshold)[0]
                 block = torch.where(commit, tokens, block)
                 masked &= ~commit
@@ -80,8 +102,14 @@ def mdm_decode(session, out, params, generator, *, block_size: int, sub_block_si
 
 
 def _ends_inside(block: torch.Tensor, masked: torch.Tensor, out) -> bool:
-    """If the filled prefix of the block already contains a stop (EOS), commit it and end early:
-    positions after a stop are never shown, so decoding them would only waste forwards."""
+    """If the filled prefix of the block already decides where the output stops (an EOS or stop
+    string in it, or it reaches max_new_tokens), commit it and end: nothing after that cut is shown.
+
+    The tokens are exactly those of the whole block decoded and then cut: committed positions
+    never change, and `find_stop` is prefix-stable (once a sequence stops, every extension of it
+    stops at the same place for the same reason: it scans positions in order and never looks
+    past the first EOS or max_new_tokens).
+    """
     from .stopping import find_stop
 
     filled = int((~masked).long().cumprod(0).sum())

@@ -26,8 +26,12 @@ from sglang.srt.dllm.algorithm.base import DllmAlgorithm
 from sglang.srt.dllm.config import DllmConfig
 
 from fast_dvlm_sglang.config import ARCHITECTURE, DEFAULT_SUB_BLOCK_SIZE
-from fast_dvlm_sglang.decoding.mdm import select_unmask
-from fast_dvlm_sglang.sglang_plugin.model import set_extend_mrope_positions
+from fast_dvlm_sglang.decoding.mdm import select_unmask, without_mask
+from fast_dvlm_sglang.sglang_plugin.model import (
+    inputs_prepared,
+    prepare_block_embeds,
+    set_extend_mrope_positions,
+)
 
 DEFAULT_THRESHOLD = 0.9
 
@@ -44,6 +48,13 @@ def require_whole_context_passes(server_args, owner: str, why_fdfo: str) -> None
 class FastDVLMBlock(DllmAlgorithm):
     supported_architectures = (ARCHITECTURE,)
     requires_separate_context_encoding = True
+    # Attention backends with a DLLM_EXTEND path that honours ENCODER_ONLY layers; SGLang's dLLM
+    # resolution (arg_groups/overrides.py `_dllm_attention_backend`) keeps these and replaces any
+    # other (fa3, SGLang's default on Hopper, has no DLLM_EXTEND metadata) by the required one.
+    # One attention mode per forward, so SGLang's single DLLM_EXTEND capture per batch size is
+    # right on either GPU backend.
+    supported_attention_backends = ("flashinfer", "triton", "torch_native")
+    required_attention_backend = "flashinfer"
 
     def __init__(self, config: DllmConfig):
         super().__init__(config)
@@ -62,12 +73,16 @@ class FastDVLMBlock(DllmAlgorithm):
     # ---- SGLang entry point ----------------------------------------------------------------
     def run(self, model_runner, forward_batch, algo_states=None):
         set_extend_mrope_positions(forward_batch)  # before the runner copies them into its buffers
+        with inputs_prepared():
+            return self._run(model_runner, forward_batch, algo_states)
+
+    def _run(self, model_runner, forward_batch, algo_states):
         if not forward_batch.forward_mode.is_dllm_extend():
             # Causal context encoding: KV written; the last logits give each block's first token.
             if forward_batch.input_ids.numel() == 0:
                 return None, [], None, None, False
             out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
-            first = out.logits_output.next_token_logits.argmax(dim=-1).tolist()
+            first = without_mask(out.logits_output.next_token_logits, self.mask_id).argmax(dim=-1).tolist()
             states = [{"first_token": int(t), "masked": None} for t in first]
             return out.logits_output, [], None, states, out.can_run_graph
         if algo_states is None or any(s is None or "first_token" not in s for s in algo_states):
@@ -87,6 +102,7 @@ class FastDVLMBlock(DllmAlgorithm):
                 row[0] = state["first_token"]
                 ids[i].copy_(row)
                 state["masked"] = masked
+        prepare_block_embeds(model_runner, forward_batch)  # the ids are final for this forward
 
     def step(self, forward_batch, full_logits: torch.Tensor, states: list[Any]) -> list[bool]:
         batch = forward_batch.batch_size
@@ -99,7 +115,7 @@ class FastDVLMBlock(DllmAlgorithm):
         big = self.block_size  # larger than any sub-block index
         current = torch.where(masked, sub, big).min(dim=1, keepdim=True).values
         active = sub == current
-        tokens, commit = select_unmask(shifted, masked, active, self.threshold)
+        tokens, commit = select_unmask(shifted, masked, active, self.threshold, mask_id=self.mask_id)
         ids.copy_(torch.where(commit, tokens.to(ids.dtype), ids))
         masked = masked & ~commit
         for i, state in enumerate(states):

@@ -17,6 +17,7 @@ from fast_dvlm_sglang.config import ARCHITECTURE
 logger = logging.getLogger(__name__)
 
 _ME = "fast_dvlm_sglang.sglang_plugin.hooks"
+_KV = "fast_dvlm_sglang.sglang_plugin.kv_pressure"
 
 HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
     # Block size / mask id for our architecture (SGLang's table is hard-coded per architecture).
@@ -34,6 +35,19 @@ HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
     # FastDVLMSpeculative keeps the verify pass's KV of the committed tokens: no re-encoding.
     ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin._stash_dllm_context",
      "fast_dvlm_sglang.sglang_plugin.spec_scheduler:stash_dllm_context", "AROUND"),
+    # The KV pool under pressure (`kv_pressure.py`): refuse what can never fit, admit a context
+    # pass only if it fits with a block of room per running request, run block rounds when no
+    # context pass can start, retract instead of stalling, finish at the pool's capacity.
+    ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin.validate_dllm_request",
+     f"{_KV}:validate_dllm_request", "AROUND"),
+    ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin.process_dllm_incoming_reqs",
+     f"{_KV}:process_dllm_incoming_reqs", "AROUND"),
+    ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin._process_dllm_batches",
+     f"{_KV}:process_dllm_batches", "AROUND"),
+    ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin.get_new_batch_dllm",
+     f"{_KV}:get_new_batch_dllm", "AROUND"),
+    ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin._finish_dllm_request_if_needed",
+     f"{_KV}:finish_dllm_request_if_needed", "AROUND"),
     # CUDA graphs for FastDVLMSpeculative (opt-in): a bidirectional and a causal capture.
     ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.create_attention_graph_variants",
      "fast_dvlm_sglang.sglang_plugin.attention_modes:create_attention_graph_variants", "AROUND"),

@@ -255,7 +255,12 @@ def test_dllm_resolution_reads_our_declarations():
 @pytest.fixture
 def sgl_server_args(tiny_checkpoints):
     """ServerArgs as the resolution pipeline hands them to its dLLM pass (page size resolved)."""
-    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, default_cuda_graph_config, with_phase
+    from sglang.srt.model_executor.cuda_graph_config import (
+        Backend,
+        Phase,
+        default_cuda_graph_config,
+        with_phase,
+    )
     from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import ServerArgs
 

@@ -153,7 +153,8 @@ class _FakeBatch:
 
 def test_algorithm_step_matches_select_unmask():
     """prepare_inputs seeds [first, MASK...]; step applies select_unmask on shifted logits,
-    restricted to the first sub-block that still has masks; state stays per request."""
+    restricted to the first sub-block that still has masks; state stays per request; the mask
+    id is never committed, even where it is the argmax."""
     import torch
     from sglang.srt.dllm.config import DllmConfig
 
@@ -170,10 +171,11 @@ def test_algorithm_step_matches_select_unmask():
     gen = torch.Generator().manual_seed(0)
     for _ in range(L):
         logits = torch.randn(B * L, V, generator=gen) * 3
+        logits[:, MASK] += 100  # the argmax everywhere: the rule must still never commit it
         before = torch.stack([s["masked"] for s in states])
         shifted = torch.cat([logits.view(B, L, V)[:, :1], logits.view(B, L, V)[:, :-1]], dim=1)
         first_sub = torch.where(before, torch.arange(L) // 4, L).min(1, keepdim=True).values
-        tokens, commit = select_unmask(shifted, before, (torch.arange(L) // 4) == first_sub, 0.5)
+        tokens, commit = select_unmask(shifted, before, (torch.arange(L) // 4) == first_sub, 0.5, mask_id=MASK)
         expect = torch.where(commit, tokens, fb.input_ids.view(B, L).clone())
         done = algo.step(fb, logits, states)
         assert torch.equal(fb.input_ids.view(B, L), expect)
@@ -181,3 +183,4 @@ def test_algorithm_step_matches_select_unmask():
         if all(done):
             break
     assert all(done)
+    assert not (fb.input_ids == MASK).any()

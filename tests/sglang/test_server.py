@@ -1,8 +1,8 @@
 """The real server (`fast-dvlm serve`) with the real openai client, against the reference decoders.
 
 Token-exact comparisons use SGLang's native /generate (it returns output ids) on the same
-rendered prompt + image; the OpenAI chat answer must equal that text. max_tokens is a multiple of
-the block size (see the report: the reference shortens a final partial block, SGLang does not).
+rendered prompt + image; the OpenAI chat answer must equal that text. Both decode every MDM block
+whole and cut it at max_tokens, so budgets inside a block are compared too.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def references(tiny_checkpoints):
 
     cache = {}
 
-    def ref(layout, algorithm, url):
-        key = (layout, algorithm, url)
+    def ref(layout, algorithm, url, max_tokens=MAX_TOKENS):
+        key = (layout, algorithm, url, max_tokens)
         if key not in cache:
             path = tiny_checkpoints[layout]
             if (layout, "model") not in cache:
@@ -62,18 +62,18 @@ def references(tiny_checkpoints):
             model, proc = cache[(layout, "model")]
             enc = encode_chat(proc, _messages(url))
             out = generate(model, Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw),
-                           GenerationConfig(algorithm=algorithm, max_new_tokens=MAX_TOKENS))
+                           GenerationConfig(algorithm=algorithm, max_new_tokens=max_tokens))
             cache[key] = (out.token_ids, render_chat(proc, _messages(url), add_generation_prompt=True))
         return cache[key]
 
     return ref
 
 
-def _native(server, text, url):
+def _native(server, text, url, max_tokens=MAX_TOKENS):
     import httpx
 
     r = httpx.post(server.base_url + "/generate", headers=server.headers, timeout=120, json={
-        "text": text, "image_data": url, "sampling_params": {"max_new_tokens": MAX_TOKENS, "temperature": 0}})
+        "text": text, "image_data": url, "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0}})
     r.raise_for_status()
     body = r.json()
     return body.get("output_ids") or body["meta_info"]["output_ids"], body["text"]
@@ -94,6 +94,18 @@ def test_answer_equals_reference(servers, references, algorithm, layout):
     assert chat.choices[0].message.content == text
     assert chat.usage.completion_tokens == len(ref_ids)
     assert chat.usage.prompt_tokens_details.image_tokens > 0
+
+
+@pytest.mark.parametrize("max_tokens", [5, 33, 50])
+def test_mdm_budget_inside_a_block_equals_reference(servers, references, max_tokens):
+    """max_tokens not a multiple of the block size (32): the server denoises the last block whole
+    and cuts it, and the reference must decode the same tokens (not a shortened last block)."""
+    server = servers["mdm"]
+    looks = [("red", "ellipse"), ("green", "rectangle"), ("blue", "ellipse"), ("black", "rectangle")]
+    for color, shape in looks:
+        url = image_url(color, shape)
+        ref_ids, prompt_text = references("old", "mdm", url, max_tokens)
+        assert _native(server, prompt_text, url, max_tokens)[0] == ref_ids, (color, shape)
 
 
 @pytest.mark.parametrize("algorithm", ["ar", "mdm"])

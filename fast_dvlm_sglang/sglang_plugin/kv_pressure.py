@@ -1,0 +1,160 @@
+"""Our dLLM algorithms under KV-pool pressure: requests wait or are retracted, never deadlock.
+
+Why (SGLang 0.5.23, `dllm/mixin/scheduler.py`, separate-context-encoding algorithms): the dLLM
+scheduler moves up to `--max-running-requests` requests into its manager's queue, always
+schedules context passes (prefills) before block rounds, and its PrefillAdder admits a prompt
+truncated to whatever KV is free. Under many long prompts the pool fills with four admitted
+prompts plus a slice of a fifth; that slice can never finish, the block rounds of the others
+are never scheduled behind it, nothing runs, and the idle check (`Scheduler.on_idle`, which
+does not count the manager's queue as busy) raises "pool memory leak detected": the server dies.
+AR decoding has the answer (`ScheduleBatch.retract_decode`); the dLLM path has none.
+
+The rule, for `FastDVLMBlock` and `FastDVLMSpeculative` (other algorithms reach SGLang's code
+unchanged), as SGLang hooks listed in `hooks.HOOK_TARGETS`:
+
+- admission (`process_dllm_incoming_reqs`): a request's context pass starts only if its whole
+  context plus its first block fits in the free (or evictable) KV after reserving one block for
+  every request already holding KV; requests are admitted in queue order (no overtaking);
+- no starvation (`_process_dllm_batches`): when no context pass can be admitted, the block
+  rounds of the requests already running are scheduled instead of nothing;
+- retraction (`get_new_batch_dllm`): if nothing at all can be scheduled while requests hold KV,
+  the most recently admitted one is retracted as SGLang retracts AR decodes (KV released, state
+  reset; its committed output is kept and re-encoded by its next context pass) until a batch
+  can run;
+- a request that can never fit is refused (`validate_dllm_request`, HTTP 400 naming
+  `--max-total-tokens`), and a request is finished with `length` once its next block would not
+  fit in the whole pool (`_finish_dllm_request_if_needed`, as SGLang does at the context length).
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+
+logger = logging.getLogger(__name__)
+
+
+def _ours(scheduler) -> bool:
+    from . import ALGORITHM_NAME, SPEC_ALGORITHM_NAME
+
+    cfg = getattr(scheduler, "dllm_config", None)
+    return cfg is not None and cfg.algorithm in (ALGORITHM_NAME, SPEC_ALGORITHM_NAME)
+
+
+def pool_tokens(scheduler) -> int:
+    return int(scheduler.max_total_num_tokens)
+
+
+def free_tokens(scheduler) -> int:
+    """KV slots a new allocation can get: free, or held only by the radix tree (evictable)."""
+    return int(scheduler.token_to_kv_pool_allocator.available_size()) + int(scheduler.tree_cache.evictable_size())
+
+
+def _pages(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size) * page_size
+
+
+def context_tokens(req) -> int:
+    """Tokens a request's next context pass encodes: prompt + committed output not in its KV."""
+    committed = len(req.origin_input_ids) + len(req.output_ids)
+    return committed - (req.kv.kv_committed_len if req.kv.holds_kv else 0)
+
+
+def admissible(scheduler, reqs: list) -> list:
+    """The longest queue-order prefix of `reqs` (incoming context passes) that fits with one
+    block of room kept for every request already holding KV."""
+    block = scheduler.dllm_config.block_size
+    page = scheduler.token_to_kv_pool_allocator.page_size
+    holders = sum(1 for r in scheduler.dllm_manager.waiting_queue if r.kv.holds_kv and r not in reqs)
+    room = free_tokens(scheduler) - holders * _pages(block, page)
+    admitted = []
+    for req in reqs:
+        need = _pages(context_tokens(req), page) + _pages(block, page)
+        if need > room:
+            break
+        admitted.append(req)
+        room -= need
+    return admitted
+
+
+def retract(scheduler, req) -> None:
+    """What `ScheduleBatch.retract_decode` does to an AR request, for a dLLM one: KV released (not
+    inserted in the tree: the room is needed now), state reset; back to the incoming context
+    phase, its committed output kept (the next context pass re-encodes prompt + output)."""
+    from sglang.srt.dllm.mixin.req import DllmReqPhase
+    from sglang.srt.mem_cache.common import release_kv_cache
+
+    release_kv_cache(req, scheduler.tree_cache, checkpoint=False)
+    req.reset_for_retract()
+    req.dllm_phase = DllmReqPhase.INCOMING_PREFILL
+    req.dllm_incomplete_ids = array("q")
+    if isinstance(req.dllm_algo_state, dict):  # FastDVLMBlock: the block restarts from its first token
+        req.dllm_algo_state = None
+    logger.info("fast_dvlm: retracted request %s (KV pool full: %d of %d tokens free)", req.rid,
+                free_tokens(scheduler), pool_tokens(scheduler))
+
+
+# ---- hooks ---------------------------------------------------------------------------------------
+def validate_dllm_request(original, scheduler, req):
+    error = original(scheduler, req)
+    if error or not _ours(scheduler):
+        return error
+    block, pool = scheduler.dllm_config.block_size, pool_tokens(scheduler)
+    if len(req.origin_input_ids) + block > pool:
+        return (f"The prompt ({len(req.origin_input_ids)} tokens) and one decoding block ({block} tokens) do not "
+                f"fit in the KV cache of {pool} tokens (--max-total-tokens); shorten the prompt.")
+    return None
+
+
+def process_dllm_incoming_reqs(original, scheduler, adder, reqs, running_batch):
+    if not _ours(scheduler) or not reqs or not reqs[0].is_dllm_prefill():
+        return original(scheduler, adder, reqs, running_batch)
+    from sglang.srt.managers.schedule_policy import AddReqResult
+
+    admitted = admissible(scheduler, reqs)
+    if not admitted:
+        return AddReqResult.NO_TOKEN
+    return original(scheduler, adder, admitted, running_batch)
+
+
+def process_dllm_batches(original, scheduler, adder, running_batch):
+    mode = original(scheduler, adder, running_batch)
+    if not _ours(scheduler) or adder.can_run_list or not mode.is_extend() or mode.is_dllm_extend():
+        return mode
+    # No context pass could start: run the block rounds of the requests already holding KV.
+    from sglang.srt.dllm.mixin.req import DllmReqPhase
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    decode_reqs = scheduler.dllm_manager.get_decode_requests()
+    if not decode_reqs:
+        return mode
+    running_batch.batch_is_full = False  # set by the refused admission; it says nothing of rounds
+    scheduler._process_batch_by_phase(adder, decode_reqs, DllmReqPhase.STAGING_DECODE,
+                                      DllmReqPhase.INCOMING_DECODE, running_batch=running_batch)
+    return ForwardMode.DLLM_EXTEND
+
+
+def get_new_batch_dllm(original, scheduler, running_batch):
+    batch = original(scheduler, running_batch)
+    if batch is not None or not _ours(scheduler):
+        return batch
+    while True:
+        manager = scheduler.dllm_manager
+        holders = [r for r in manager.waiting_queue if r.kv.holds_kv and not r.finished()]
+        if not holders or manager.any_staging_reqs():
+            return None
+        retract(scheduler, holders[-1])  # the most recently admitted
+        batch = original(scheduler, running_batch)
+        if batch is not None:
+            return batch
+
+
+def finish_dllm_request_if_needed(original, scheduler, req):
+    if _ours(scheduler) and not req.finished():
+        if req.seqlen + scheduler.dllm_config.block_size > pool_tokens(scheduler):
+            from sglang.srt.managers.schedule_batch import FINISH_LENGTH
+
+            # Its next block would not fit even in an empty pool (SGLang ends a dLLM request the
+            # same way at the model's context length).
+            req.finished_reason = FINISH_LENGTH(length=len(req.output_ids))
+    return original(scheduler, req)

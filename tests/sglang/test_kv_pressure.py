@@ -1,0 +1,113 @@
+"""The KV pool under load, through the real server: mdm and spec with a pool far smaller than
+the concurrent prompts need (SGLang's dLLM scheduler used to admit a prompt slice that could
+never finish, stall every request and crash on its idle leak check; `kv_pressure.py`).
+
+Every request completes with its solo answer (the same server, one request at a time), images,
+streams and aborts included; a prompt that can never fit gets a 400 naming the limit; afterwards
+the server is healthy and every KV slot is free again."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import random
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.sglang, pytest.mark.slow]
+
+from sglang_helpers import image_url, prometheus_value  # noqa: E402
+
+POOL = 1024  # --max-total-tokens: ~3 of the prompts below at once
+WORDS = "a red circle on the left the blue square is big what shape is in the image".split()
+
+
+@pytest.fixture(scope="module", params=["spec", "mdm"])
+def small_pool_server(request, tiny_checkpoints, tmp_path_factory):
+    from fast_dvlm_sglang.server_process import ServeProcess
+
+    log = tmp_path_factory.mktemp("kv_logs") / f"{request.param}.log"
+    server = ServeProcess(tiny_checkpoints["new"], request.param, log, max_running=16,
+                          sglang_args=["--max-total-tokens", str(POOL), "--enable-metrics"])
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def _model(server) -> str:
+    return server.client().models.list().data[0].id
+
+
+def _chat(server, messages, max_tokens, stream=False):
+    client = server.client(timeout=600)
+    model = _model(server)
+    if not stream:
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+        return r.choices[0].message.content, r.choices[0].finish_reason
+    text, finish = "", None
+    for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                temperature=0, stream=True):
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+    return text, finish
+
+
+def _drop_after_first_chunk(server, messages):
+    import httpx
+
+    body = {"model": _model(server), "messages": messages, "max_tokens": 64, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                return
+
+
+def _wait_for(predicate, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return predicate()
+
+
+def test_many_long_prompts_through_a_small_pool(small_pool_server):
+    import httpx
+
+    server = small_pool_server
+    total = httpx.get(server.base_url + "/server_info", timeout=30).json()["max_total_num_tokens"]
+    assert total == POOL
+    rng = random.Random(7)
+    jobs = []
+    for i in range(12):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(250, 330)))
+        content = [{"type": "text", "text": f"{i}: {text}"}]
+        if i % 4 == 1:
+            content.insert(0, {"type": "image_url", "image_url": {"url": image_url(rng.choice(["red", "blue"]))}})
+        jobs.append(([{"role": "user", "content": content}], rng.randint(20, 48), i % 3 == 2))
+
+    solo = [_chat(server, msgs, n) for msgs, n, _ in jobs]
+
+    def run(job):
+        msgs, n, stream = job
+        return _chat(server, msgs, n, stream=stream)
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        dropped = [pool.submit(_drop_after_first_chunk, server, jobs[k][0]) for k in (0, 5)]
+        together = list(pool.map(run, jobs))
+        for f in dropped:
+            f.result()
+    assert together == solo
+    assert all(finish in ("stop", "length") for _, finish in together)
+
+    # A prompt that fits SGLang's length check but leaves no room for one block can never run:
+    # refused, naming the limit.
+    r = httpx.post(server.base_url + "/generate", timeout=60,
+                   json={"input_ids": [7] * (POOL - 10), "sampling_params": {"max_new_tokens": 4}})
+    assert r.status_code == 400 and "--max-total-tokens" in r.text, r.text
+
+    assert server.healthy()
+    assert _wait_for(lambda: prometheus_value(server, "sglang:kv_available_tokens") == total)
