@@ -1,6 +1,7 @@
 """`fast-dvlm serve --algorithm spec` through the real server and the openai client.
 
-Greedy speculative answers must equal the reference AR greedy answers token for token (compared
+Greedy speculative answers must equal the reference AR greedy answers token for token, or part
+from them only at a near tie of the reference's top-2 logits (`tie_aware_server.py`; compared
 through SGLang's native /generate, which returns output ids) for 16 concurrent requests with
 mixed prompt lengths, images and max_tokens (any max_tokens: a round commits a variable number of
 tokens, so there is no block-size rounding). Also: streaming, the OpenAI chat path, seeded
@@ -24,6 +25,7 @@ import pytest
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
 from sglang_helpers import generate, image_url, prometheus_value  # noqa: E402
+from tie_aware_server import ReferenceTieCheck  # noqa: E402
 
 from fast_dvlm_sglang.demo import DEMO_CHECKPOINT  # noqa: E402
 from fast_dvlm_sglang.server_process import ServeProcess  # noqa: E402
@@ -71,6 +73,7 @@ class Reference:
 
         self.model = FastDVLMForConditionalGeneration.from_pretrained(path).eval()
         self.proc = load_processor(path)
+        self.tie_check = ReferenceTieCheck(self.model, self.proc, path)
 
     def text(self, messages) -> str:
         from fast_dvlm_sglang.processing import render_chat
@@ -108,7 +111,8 @@ def _check_metrics(meta: dict, n_tokens: int, block_size: int = 32) -> tuple[int
 
 
 def _concurrent_equals_ar(server, ref, convs):
-    """16 concurrent native requests; each answer equals its AR reference. Returns stats."""
+    """16 concurrent native requests; each answer equals its AR reference (up to a near tie).
+    Returns stats (`tied`: the requests that parted from AR at a near tie)."""
     expected = [ref.ar(msgs, n) for msgs, _, n in convs]
 
     def one(conv):
@@ -119,13 +123,14 @@ def _concurrent_equals_ar(server, ref, convs):
     with cf.ThreadPoolExecutor(len(convs)) as pool:
         bodies = list(pool.map(one, convs))
     seconds = time.perf_counter() - start
-    tokens, nfe = 0, []
-    for body, want, (_, url, n) in zip(bodies, expected, convs):
-        assert body["output_ids"] == want, (n, url is not None)
-        t, f = _check_metrics(body["meta_info"], len(want))
+    tokens, nfe, tied = 0, [], []
+    for i, (body, want, (msgs, url, n)) in enumerate(zip(bodies, expected, convs)):
+        if not ref.tie_check.check(msgs, want, body["output_ids"], f"request {i} (max {n}, image {url is not None})"):
+            tied.append(i)
+        t, f = _check_metrics(body["meta_info"], len(body["output_ids"]))
         tokens, nfe = tokens + t, nfe + [f]
     return {"tokens": tokens, "nfe": nfe, "tokens_per_nfe": tokens / sum(nfe), "seconds": seconds,
-            "tokens_per_s": tokens / seconds}
+            "tokens_per_s": tokens / seconds, "tied": tied}
 
 
 def test_tiny_greedy_equals_ar_for_16_concurrent_requests(spec_server_tiny, tiny_ref):
@@ -137,7 +142,7 @@ def test_openai_chat_and_stream_equal_native(spec_server_tiny, tiny_ref):
     msgs, url, _ = _tiny_prompts()[0]
     n = 40
     body = generate(spec_server_tiny, tiny_ref.text(msgs), image=url, max_new_tokens=n)
-    assert body["output_ids"] == tiny_ref.ar(msgs, n)
+    tiny_ref.tie_check.check(msgs, tiny_ref.ar(msgs, n), body["output_ids"], "openai chat prompt")
     client = spec_server_tiny.client()
     chat = client.chat.completions.create(model=spec_server_tiny.model, messages=msgs, max_tokens=n, temperature=0)
     assert chat.choices[0].message.content == body["text"]
@@ -166,8 +171,8 @@ def test_native_stream_reports_nfe(spec_server_tiny, tiny_ref):
                 chunks.append(json.loads(line[6:]))
     assert len(chunks) > 1
     last = chunks[-1]
-    assert last["output_ids"] == tiny_ref.ar(msgs, n)
-    _check_metrics(last["meta_info"], n)
+    tiny_ref.tie_check.check(msgs, tiny_ref.ar(msgs, n), last["output_ids"], "native stream prompt")
+    _check_metrics(last["meta_info"], len(last["output_ids"]))
 
 
 def test_stop_token_inside_accepted_run(spec_server_tiny, tiny_ref):
@@ -261,8 +266,11 @@ def test_demo_greedy_equals_ar_for_16_concurrent_requests(demo_spec):
     convs = _demo_prompts()
     stats = _concurrent_equals_ar(server, ref, convs)
     print(f"\ndemo spec: {json.dumps(stats)}")
-    # Batched rounds accept what the reference decoder accepts alone: same forwards per request.
-    assert stats["nfe"] == [ref.run(msgs, n, "spec").nfe for msgs, _, n in convs]
+    # Batched rounds accept what the reference decoder accepts alone: same forwards per request
+    # (not comparable for a request that parted from AR at a near tie).
+    want = [ref.run(msgs, n, "spec").nfe for msgs, _, n in convs]
+    assert [f for i, f in enumerate(stats["nfe"]) if i not in stats["tied"]] == [
+        f for i, f in enumerate(want) if i not in stats["tied"]]
     assert stats["tokens_per_nfe"] > 2.0  # the trained draft is accepted: far fewer forwards than AR
 
 
