@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 
 
 def image_url(color: str = "red", shape: str = "ellipse", size: int = 56) -> str:
@@ -40,3 +41,14 @@ def prometheus_value(server, name: str) -> float:
         if line.startswith(name + "{") or line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     raise KeyError(name)
+
+
+def wait_for(predicate, timeout: float = 60.0) -> bool:
+    """Poll `predicate` every 0.5 s until it holds or `timeout` passes (SGLang's gauges refresh at
+    batch reports and when the scheduler goes idle, not at once)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return predicate()

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import random
-import time
 
 import pytest
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
-from sglang_helpers import image_url, prometheus_value  # noqa: E402
+from sglang_helpers import image_url, prometheus_value, wait_for  # noqa: E402
 
 POOL = 1024  # --max-total-tokens: ~3 of the prompts below at once
 WORDS = "a red circle on the left the blue square is big what shape is in the image".split()
@@ -65,15 +64,6 @@ def _drop_after_first_chunk(server, messages):
                 return
 
 
-def _wait_for(predicate, timeout=120.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return predicate()
-
-
 def test_many_long_prompts_through_a_small_pool(small_pool_server):
     import httpx
 
@@ -110,4 +100,4 @@ def test_many_long_prompts_through_a_small_pool(small_pool_server):
     assert r.status_code == 400 and "--max-total-tokens" in r.text, r.text
 
     assert server.healthy()
-    assert _wait_for(lambda: prometheus_value(server, "sglang:kv_available_tokens") == total)
+    assert wait_for(lambda: prometheus_value(server, "sglang:kv_available_tokens") == total)

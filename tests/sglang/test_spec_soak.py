@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import random
-import time
 
 import pytest
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
-from sglang_helpers import generate, image_url, prometheus_value  # noqa: E402
+from sglang_helpers import generate, image_url, prometheus_value, wait_for  # noqa: E402
 from tie_aware_server import ReferenceTieCheck  # noqa: E402
 
 N_REQUESTS = 200
@@ -30,15 +29,6 @@ WORDS = "a red circle on the left the blue square is big what shape is in the im
 
 def _free_kv(server) -> float:
     return prometheus_value(server, "sglang:kv_available_tokens")
-
-
-def _wait_for(predicate, timeout=60.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return predicate()
 
 
 def test_soak_200_requests_returns_every_kv_slot(spec_server_tiny, tiny_checkpoints):
@@ -53,7 +43,7 @@ def test_soak_200_requests_returns_every_kv_slot(spec_server_tiny, tiny_checkpoi
     server = spec_server_tiny
     total = httpx.get(server.base_url + "/server_info", timeout=30).json()["max_total_num_tokens"]
     generate(server, "warm up", max_new_tokens=2)
-    assert _wait_for(lambda: _free_kv(server) == total), (_free_kv(server), total)
+    assert wait_for(lambda: _free_kv(server) == total), (_free_kv(server), total)
 
     proc = load_processor(tiny_checkpoints["new"])
     rng = random.Random(1234)
@@ -99,7 +89,7 @@ def test_soak_200_requests_returns_every_kv_slot(spec_server_tiny, tiny_checkpoi
             checked += 1
     assert checked > 50
 
-    assert _wait_for(lambda: _free_kv(server) == total), (_free_kv(server), total)
+    assert wait_for(lambda: _free_kv(server) == total), (_free_kv(server), total)
     assert prometheus_value(server, "sglang:kv_used_tokens") == 0
     assert server.healthy()
     assert "memory leak" not in server.log.read_text().lower()
