@@ -183,6 +183,7 @@ class Harness:
                 self.dllm_config = harness.dllm_config
                 self.req_to_token_pool = harness.pool
                 self.token_to_kv_pool_allocator = harness.alloc
+                self.max_total_num_tokens = POOL_TOKENS  # Scheduler's pool size (kv_pressure hooks read it)
                 self.tree_cache = harness.tree
                 self.model_config = harness.model_config
                 self.metrics_reporter = _Recorder()
