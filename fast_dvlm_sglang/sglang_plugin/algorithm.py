@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+from sglang.srt.arg_groups.overrides import resolving_view
 from sglang.srt.dllm.algorithm.base import DllmAlgorithm
 from sglang.srt.dllm.config import DllmConfig
 
@@ -36,13 +36,12 @@ from fast_dvlm_sglang.sglang_plugin.model import (
 DEFAULT_THRESHOLD = 0.9
 
 
-def require_whole_context_passes(server_args, owner: str, why_fdfo: str) -> None:
+def require_fdfo(server_args, owner: str, why: str) -> None:
     """What both algorithms need from the server: FDFO rounds (state is carried on the request
-    between forwards), and every context pass over the whole uncached context, because its last
-    causal logits give the next token: a radix-cache hit or a chunked pass would lose them."""
+    between forwards). SGLang's radix cache and chunked prefill stay on (`prefix_cache.py` says
+    why that is correct for both algorithms)."""
     if not resolving_view(server_args).dllm_fdfo:
-        raise ValueError(f"{owner} {why_fdfo}: remove --no-dllm-fdfo")
-    declare_resolution(server_args, owner, disable_radix_cache=True, chunked_prefill_size=-1)
+        raise ValueError(f"{owner} {why}: remove --no-dllm-fdfo")
 
 
 class FastDVLMBlock(DllmAlgorithm):
@@ -68,7 +67,7 @@ class FastDVLMBlock(DllmAlgorithm):
 
     @classmethod
     def configure_server_args(cls, server_args) -> None:
-        require_whole_context_passes(server_args, cls.__name__, "runs one denoising step per scheduler round")
+        require_fdfo(server_args, cls.__name__, "runs one denoising step per scheduler round")
 
     # ---- SGLang entry point ----------------------------------------------------------------
     def run(self, model_runner, forward_batch, algo_states=None):

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 _ME = "fast_dvlm_sglang.sglang_plugin.hooks"
 _KV = "fast_dvlm_sglang.sglang_plugin.kv_pressure"
+_PC = "fast_dvlm_sglang.sglang_plugin.prefix_cache"
 
 HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
     # Block size / mask id for our architecture (SGLang's table is hard-coded per architecture).
@@ -37,17 +38,25 @@ HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
      "fast_dvlm_sglang.sglang_plugin.spec_scheduler:stash_dllm_context", "AROUND"),
     # The KV pool under pressure (`kv_pressure.py`): refuse what can never fit, admit a context
     # pass only if it fits with a block of room per running request, run block rounds when no
-    # context pass can start, retract instead of stalling, finish at the pool's capacity.
+    # context pass can start, retract instead of stalling.
     ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin.validate_dllm_request",
      f"{_KV}:validate_dllm_request", "AROUND"),
     ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin.process_dllm_incoming_reqs",
      f"{_KV}:process_dllm_incoming_reqs", "AROUND"),
+    # (and chunked prefill: a batch of context passes computes at most --chunked-prefill-size
+    # tokens, `prefix_cache.cap_context_budget`)
     ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin._process_dllm_batches",
      f"{_KV}:process_dllm_batches", "AROUND"),
     ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin.get_new_batch_dllm",
      f"{_KV}:get_new_batch_dllm", "AROUND"),
+    # The radix cache and chunked prefill (`prefix_cache.py`): a finished request's causal KV
+    # goes into the tree (and ends at the pool's capacity, `kv_pressure.next_block_fits_pool`).
     ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin._finish_dllm_request_if_needed",
-     f"{_KV}:finish_dllm_request_if_needed", "AROUND"),
+     f"{_PC}:finish_dllm_request_if_needed", "AROUND"),
+    # Prefix matches as fine as AR's (no whole-block rounding, any page size up to the block).
+    ("sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len",
+     f"{_PC}:compute_max_prefix_len", "AROUND"),
+    ("sglang.srt.arg_groups.overrides._dllm_page_size", f"{_PC}:dllm_page_size", "AROUND"),
     # CUDA graphs for FastDVLMSpeculative (opt-in): a bidirectional and a causal capture.
     ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.create_attention_graph_variants",
      "fast_dvlm_sglang.sglang_plugin.attention_modes:create_attention_graph_variants", "AROUND"),

@@ -23,7 +23,8 @@ unchanged), as SGLang hooks listed in `hooks.HOOK_TARGETS`:
   can run;
 - a request that can never fit is refused (`validate_dllm_request`, HTTP 400 naming
   `--max-total-tokens`), and a request is finished with `length` once its next block would not
-  fit in the whole pool (`_finish_dllm_request_if_needed`, as SGLang does at the context length).
+  fit in the whole pool (`next_block_fits_pool`, applied by `prefix_cache`'s finish hook, as
+  SGLang does at the context length).
 """
 
 from __future__ import annotations
@@ -118,9 +119,17 @@ def process_dllm_incoming_reqs(original, scheduler, adder, reqs, running_batch):
 
 
 def process_dllm_batches(original, scheduler, adder, running_batch):
+    if not _ours(scheduler):
+        return original(scheduler, adder, running_batch)
+    from .prefix_cache import cap_context_budget
+
+    round_budget = adder.rem_dllm_tokens
+    if scheduler.dllm_manager.get_prefill_requests():  # this batch is context passes
+        cap_context_budget(scheduler, adder)
     mode = original(scheduler, adder, running_batch)
-    if not _ours(scheduler) or adder.can_run_list or not mode.is_extend() or mode.is_dllm_extend():
+    if adder.can_run_list or not mode.is_extend() or mode.is_dllm_extend():
         return mode
+    adder.rem_dllm_tokens = round_budget
     # No context pass could start: run the block rounds of the requests already holding KV.
     from sglang.srt.dllm.mixin.req import DllmReqPhase
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
@@ -149,12 +158,7 @@ def get_new_batch_dllm(original, scheduler, running_batch):
             return batch
 
 
-def finish_dllm_request_if_needed(original, scheduler, req):
-    if _ours(scheduler) and not req.finished():
-        if req.seqlen + scheduler.dllm_config.block_size > pool_tokens(scheduler):
-            from sglang.srt.managers.schedule_batch import FINISH_LENGTH
-
-            # Its next block would not fit even in an empty pool (SGLang ends a dLLM request the
-            # same way at the model's context length).
-            req.finished_reason = FINISH_LENGTH(length=len(req.output_ids))
-    return original(scheduler, req)
+def next_block_fits_pool(scheduler, req) -> bool:
+    """Whether `req`'s next block fits in the whole pool (else it ends with `length`, as SGLang
+    ends a dLLM request at the model's context length; `prefix_cache.finish_dllm_request_if_needed`)."""
+    return req.seqlen + scheduler.dllm_config.block_size <= pool_tokens(scheduler)

@@ -12,11 +12,16 @@ here are merged into the server's `/metrics` next to SGLang's:
 - `fast_dvlm:spec_forwards_total`: model forwards per request after the prompt's prefill (NFE;
   tokens/NFE = spec_tokens_total / spec_forwards_total, the per-request `meta_info["dllm_nfe"]`
   summed);
-- `fast_dvlm:spec_round_tokens`: histogram of the tokens a round emits (1 .. block_size + 1).
+- `fast_dvlm:spec_round_tokens`: histogram of the tokens a round emits (1 .. block_size + 1);
+- `fast_dvlm:vision_encoder_images_total`: images the vision tower encoded (an image whose
+  tokens come from the radix cache is not encoded again);
+- `fast_dvlm:cached_prompt_tokens`: histogram of the prompt tokens a request found in the radix
+  cache (SGLang's `req.cached_tokens`), for `FastDVLMBlock` and `FastDVLMSpeculative`.
 """
 
 from __future__ import annotations
 
+import os
 from functools import cache
 
 PREFIX = "fast_dvlm:spec_"
@@ -50,3 +55,32 @@ def record(block_size: int, *, rounds: int, accepted_drafts: int, tokens: int, f
     forwards_c.inc(forwards)
     if rounds:
         per_round.observe(tokens)
+
+
+CACHED_TOKEN_BUCKETS = [0.0] + [float(2 ** i) for i in range(5, 18)]  # 0, 32 .. 128k
+
+
+@cache
+def _cached_prompt_tokens():
+    from prometheus_client import Histogram
+
+    return Histogram("fast_dvlm:cached_prompt_tokens", "Prompt tokens found in the radix cache, per request",
+                     buckets=CACHED_TOKEN_BUCKETS)
+
+
+def record_cached_prompt_tokens(tokens: int) -> None:
+    _cached_prompt_tokens().observe(tokens)
+
+
+@cache
+def _vision_images():
+    from prometheus_client import Counter
+
+    return Counter("fast_dvlm:vision_encoder_images", "Images encoded by the vision tower")
+
+
+def record_vision_images(n: int) -> None:
+    """Called by the model (scheduler process); a no-op unless SGLang's metrics are on (it sets
+    prometheus_client's multiprocess directory only with --enable-metrics)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _vision_images().inc(n)

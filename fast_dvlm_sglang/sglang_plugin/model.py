@@ -260,6 +260,12 @@ class Fast_dVLMForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):  # 
         return super().forward(input_ids, positions, forward_batch, input_embeds=input_embeds,
                                get_embedding=get_embedding, pp_proxy_tensors=pp_proxy_tensors)
 
+    def get_image_feature(self, items):
+        from . import metrics
+
+        metrics.record_vision_images(sum(int(item.image_grid_thw.shape[0]) for item in items))
+        return super().get_image_feature(items)
+
     def _forward_block_embeds(self, input_ids, forward_batch, input_embeds):
         """A dLLM block from its token embeddings (`prepare_block_embeds`): the graph-captured
         path, where the embeddings come from SGLang's static buffer."""

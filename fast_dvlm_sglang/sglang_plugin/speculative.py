@@ -63,7 +63,7 @@ from fast_dvlm_sglang.decoding.sampling import SamplingParams, sample_tokens
 from fast_dvlm_sglang.decoding.spec import accept_longest_prefix
 
 from . import SPEC_ALGORITHM_NAME as ALGORITHM_NAME
-from .algorithm import require_whole_context_passes
+from .algorithm import require_fdfo
 from .attention_modes import algorithm_config, causal_pass, check_graph_runner
 from .model import copy_to_device, inputs_prepared, prepare_block_embeds, set_extend_mrope_positions
 
@@ -154,7 +154,7 @@ class FastDVLMSpeculative(DllmAlgorithm):
 
     @classmethod
     def configure_server_args(cls, server_args) -> None:
-        require_whole_context_passes(server_args, cls.__name__, "carries per-request state between rounds")
+        require_fdfo(server_args, cls.__name__, "carries per-request state between rounds")
         from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
 
         view = resolving_view(server_args)

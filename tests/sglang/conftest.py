@@ -50,12 +50,13 @@ SPEC_MAX_RUNNING = 16
 @pytest.fixture(scope="session")
 def spec_server_tiny(tiny_checkpoints, tmp_path_factory):
     """`fast-dvlm serve --algorithm spec` on the tiny random model (tied embeddings, new layout),
-    16 concurrent requests, KV page size 4 (exercises paged rollback), /metrics on."""
+    16 concurrent requests, chunked prefill at 48 tokens (long prompts and images run in several
+    context passes), the radix cache on (SGLang's default), /metrics on."""
     from fast_dvlm_sglang.server_process import ServeProcess
 
     log = tmp_path_factory.mktemp("spec_logs") / "spec_tiny.log"
     server = ServeProcess(tiny_checkpoints["new"], "spec", log, max_running=SPEC_MAX_RUNNING,
-                          sglang_args=["--page-size", "4", "--enable-metrics"])
+                          sglang_args=["--chunked-prefill-size", "48", "--enable-metrics"])
     try:
         server.wait_ready()
         yield server

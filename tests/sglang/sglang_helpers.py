@@ -19,7 +19,7 @@ def image_url(color: str = "red", shape: str = "ellipse", size: int = 56) -> str
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def generate(server, text: str, *, image: str | None = None, timeout: float = 300, **sampling) -> dict:
+def generate(server, text: str, *, image: str | list[str] | None = None, timeout: float = 300, **sampling) -> dict:
     """SGLang's native /generate (returns output ids and meta_info); greedy unless told."""
     import httpx
 

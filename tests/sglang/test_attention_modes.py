@@ -233,7 +233,7 @@ def test_sglang_dllm_resolution_keeps_a_backend_that_serves_our_blocks(sgl_serve
     assert view.attention_backend == served
     assert {view.prefill_attention_backend, view.decode_attention_backend} <= {None, served}
     assert (view.cuda_graph_config.decode.backend != Backend.DISABLED) == graphs_kept
-    assert view.disable_radix_cache is True and view.chunked_prefill_size == -1
+    assert view.disable_radix_cache is False and view.chunked_prefill_size != -1  # both stay SGLang's
 
 
 def test_dllm_resolution_reads_our_declarations():
@@ -270,9 +270,61 @@ def sgl_server_args(tiny_checkpoints):
         graph_config = default_cuda_graph_config()
         if not graphs:
             graph_config = with_phase(graph_config, Phase.DECODE, backend=Backend.DISABLED)
-        sa = ServerArgs(model_path=str(tiny_checkpoints["new"]), dllm_algorithm=algorithm, page_size=1,
+        kwargs.setdefault("page_size", 1)
+        sa = ServerArgs(model_path=str(tiny_checkpoints["new"]), dllm_algorithm=algorithm,
                         cuda_graph_config=graph_config, **kwargs)
         assert (sa.cuda_graph_config.decode.backend != Backend.DISABLED) == graphs
         return sa
 
     return make
+
+
+# ---- the radix cache: page size and match granularity (`prefix_cache.py`) -----------------------
+@pytest.mark.parametrize("algorithm", ["FastDVLMBlock", "FastDVLMSpeculative"])
+@pytest.mark.parametrize("page_size,served", [(1, 1), (4, 4), (32, 32), (64, 32)])
+def test_page_size_is_kept_up_to_the_block_size_with_the_radix_cache(sgl_server_args, algorithm, page_size,
+                                                                     served):
+    """SGLang sets a dLLM server's page size to the block size when the radix cache is on; for
+    our algorithms (no bidirectional KV ever in the tree) the user's page size stays, capped at
+    the block size (32 for the tiny checkpoint) as SGLang caps it."""
+    from sglang.srt.arg_groups.dllm_hook import handle_dllm_inference
+    from sglang.srt.arg_groups.overrides import resolving_view
+
+    sa = sgl_server_args(algorithm=algorithm, graphs=False, page_size=page_size)
+    handle_dllm_inference(sa)
+    view = resolving_view(sa)
+    assert view.disable_radix_cache is False and view.page_size == served
+
+
+def test_other_dllm_algorithms_keep_sglangs_page_size_rule():
+    """The hook leaves SGLang's rule (page size = block size with the radix cache) to the others."""
+    from types import SimpleNamespace
+
+    from fast_dvlm_sglang.sglang_plugin.prefix_cache import dllm_page_size
+
+    seen = []
+    view = SimpleNamespace(dllm_algorithm="LowConfidence", page_size=1)
+    assert dllm_page_size(lambda v: seen.append(v) or {"page_size": 32}, view) == {"page_size": 32}
+    assert seen == [view]
+
+
+@pytest.mark.parametrize("algorithm,max_prefix,with_logprobs", [
+    ("FastDVLMSpeculative", 44, 10), ("FastDVLMBlock", 44, 10), ("LowConfidence", 32, 0)])
+def test_prefix_match_is_as_fine_as_ars_for_our_algorithms(sgl_server_args, algorithm, max_prefix, with_logprobs):
+    """A 45-token prompt, block 32: SGLang's dLLM rule rounds the longest match down to one block
+    (32); ours may match 44 tokens (all but the last, whose logits give the first token), as AR."""
+    from array import array
+
+    from sglang.srt.dllm.config import DllmConfig
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    sp = SamplingParams(max_new_tokens=8)
+    sp.normalize(None)
+    cfg = DllmConfig(algorithm, {}, 32, 99, 4, first_done_first_out_mode=True,
+                     requires_separate_context_encoding=True)
+    req = Req("r", "", array("q", range(45)), sp, dllm_config=cfg, vocab_size=128)
+    req._init_fill_ids_for_dllm()
+    assert req._compute_max_prefix_len(len(req.full_untruncated_fill_ids)) == max_prefix
+    req.return_logprob, req.logprob_start_len = True, 10  # logprobs from token 10: its logits are needed
+    assert req._compute_max_prefix_len(len(req.full_untruncated_fill_ids)) == with_logprobs

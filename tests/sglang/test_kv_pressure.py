@@ -4,7 +4,9 @@ never finish, stall every request and crash on its idle leak check; `kv_pressure
 
 Ten concurrent prompts (~3x the pool). Every request completes with its solo answer (the same server, one request at a time), images,
 streams and aborts included; a prompt that can never fit gets a 400 naming the limit; afterwards
-the server is healthy and every KV slot is free again."""
+the server is healthy and every KV slot is free again or held by the radix tree alone. KV page
+size 4 (a page shared by committed and rolled-back slots), chunked prefill at 128 tokens (every
+prompt in several context passes), the radix cache on (evicting under pressure)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def small_pool_server(request, tiny_checkpoints, tmp_path_factory):
 
     log = tmp_path_factory.mktemp("kv_logs") / f"{request.param}.log"
     server = ServeProcess(tiny_checkpoints["new"], request.param, log, max_running=16,
-                          sglang_args=["--max-total-tokens", str(POOL), "--enable-metrics"])
+                          sglang_args=["--max-total-tokens", str(POOL), "--page-size", "4", "--chunked-prefill-size", "128",
+                                       "--enable-metrics"])
     try:
         server.wait_ready()
         yield server
@@ -100,4 +103,6 @@ def test_many_long_prompts_through_a_small_pool(small_pool_server):
     assert r.status_code == 400 and "--max-total-tokens" in r.text, r.text
 
     assert server.healthy()
-    assert wait_for(lambda: prometheus_value(server, "sglang:kv_available_tokens") == total)
+    # Every slot is free or held by the radix tree alone (evictable: no request holds it).
+    assert wait_for(lambda: prometheus_value(server, "sglang:kv_available_tokens")
+                    + prometheus_value(server, "sglang:kv_evictable_tokens") == total)

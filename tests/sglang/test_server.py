@@ -33,7 +33,8 @@ def servers(tiny_checkpoints, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     # new layout + tied embeddings served AR; old layout + untied served MDM (batched, with a key).
     ar = ServeProcess(tiny_checkpoints["new"], "ar", logs / "ar.log", max_running=4)
-    mdm = ServeProcess(tiny_checkpoints["old"], "mdm", logs / "mdm.log", max_running=8, api_key=API_KEY)
+    mdm = ServeProcess(tiny_checkpoints["old"], "mdm", logs / "mdm.log", max_running=8, api_key=API_KEY,
+                       sglang_args=["--chunked-prefill-size", "48"])
     try:
         ar.wait_ready()
         mdm.wait_ready()
@@ -213,3 +214,185 @@ def test_prompt_logprobs_equal_reference(servers, tiny_checkpoints, with_image):
     top_expected = logp[:-1].topk(5, dim=-1).values
     top_got = torch.tensor([[t[0] for t in row] for row in meta["input_top_logprobs"][1:]], dtype=torch.float64)
     torch.testing.assert_close(top_got, top_expected, atol=2e-4, rtol=0)
+
+
+# ---- the radix (prefix) cache: a five-turn conversation with images --------------------------------
+# Contents unique to this test, so no other test's prompts sit in the tree past the shared prefix.
+FIVE_TURNS = [
+    [{"type": "image_url", "image_url": {"url": image_url("teal", "ellipse", size=84)}},
+     {"type": "text", "text": "What shape is in this picture?"}],
+    "And what color is it?",
+    [{"type": "image_url", "image_url": {"url": image_url("navy", "rectangle", size=84)}},
+     {"type": "image_url", "image_url": {"url": image_url("olive", "ellipse", size=56)}},
+     {"type": "text", "text": "And in these two?"}],
+    "the blue square is big " * 6 + "Which one is bigger?",
+    "Say it once more.",
+]
+TURN_TOKENS = 24
+
+
+def _converse(server, reference, vision_images=None):
+    """The five turns through native /generate (the rendered chat, its images); each answer is
+    checked by `reference(messages, output_ids)` and becomes the next turn's history. Returns per
+    turn: (prompt ids, output ids, cached tokens, images the vision tower encoded)."""
+    from sglang_helpers import generate
+
+    from fast_dvlm_sglang.processing import encode_chat, render_chat
+    from fast_dvlm_sglang.tokenizer import load_processor
+
+    proc = load_processor(server.model)
+    messages, urls, turns = [], [], []
+    for content in FIVE_TURNS:
+        messages.append({"role": "user", "content": content})
+        urls += [p["image_url"]["url"] for p in content if p["type"] == "image_url"] if isinstance(content, list) else []
+        before = vision_images() if vision_images else 0
+        body = generate(server, render_chat(proc, messages, add_generation_prompt=True), image=list(urls) or None,
+                        max_new_tokens=TURN_TOKENS)
+        reference(messages, body["output_ids"])
+        encoded = (vision_images() - before) if vision_images else None
+        turns.append((list(encode_chat(proc, messages).input_ids), body["output_ids"],
+                      body["meta_info"]["cached_tokens"], encoded))
+        messages.append({"role": "assistant", "content": body["text"]})
+    return turns
+
+
+def _counter(server, name: str) -> float:
+    from sglang_helpers import prometheus_value
+
+    try:
+        return prometheus_value(server, name)
+    except KeyError:  # not created before the first increment
+        return 0.0
+
+
+def _common_prefix(a, b) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _check_turn_hits(turns, answer_cached: bool):
+    """Turn t > 1 finds the previous turn's prompt in the cache, and (`answer_cached`) its answer
+    too, up to where the re-rendered history stops matching (the last answer token may have no
+    KV: no forward ever reads it); it never claims a token it does not share."""
+    assert turns[0][2] == 0
+    for (prev_ids, prev_out, _, _), (ids, _, cached, _) in zip(turns, turns[1:]):
+        shared = _common_prefix(ids, prev_ids + prev_out)
+        assert cached <= min(shared, len(ids) - 1)
+        assert cached >= min(_common_prefix(ids, prev_ids), len(ids) - 1)
+        if answer_cached:
+            assert cached >= min(shared - 1, len(ids) - 1)
+
+
+def test_five_turn_conversation_hits_the_prefix_cache(servers, spec_server_tiny, tiny_checkpoints, references):
+    """Radix cache on (the default) for all three algorithms: every turn's answer equals the
+    reference decoder's (which has no cache), the history is found in the cache, an image already
+    in the cache is not encoded again, and spec computes the same prompt tokens as AR."""
+    from tie_aware_server import ReferenceTieCheck
+
+    from fast_dvlm_sglang.decoding import GenerationConfig, Prompt, generate
+    from fast_dvlm_sglang.model import FastDVLMForConditionalGeneration
+    from fast_dvlm_sglang.processing import encode_chat
+    from fast_dvlm_sglang.tokenizer import load_processor
+
+    def exact(layout, algorithm):
+        model = FastDVLMForConditionalGeneration.from_pretrained(tiny_checkpoints[layout]).eval()
+        proc = load_processor(tiny_checkpoints[layout])
+
+        def check(messages, output_ids):
+            enc = encode_chat(proc, messages)
+            want = generate(model, Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw),
+                            GenerationConfig(algorithm=algorithm, max_new_tokens=TURN_TOKENS)).token_ids
+            assert output_ids == want, (algorithm, len(messages))
+        return check, model, proc
+
+    ar_check, model, proc = exact("new", "ar")
+    mdm_check, _, _ = exact("old", "mdm")
+    ties = ReferenceTieCheck(model, proc, tiny_checkpoints["new"])
+
+    def spec_check(messages, output_ids):
+        enc = encode_chat(proc, messages)
+        want = generate(model, Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw),
+                        GenerationConfig(algorithm="ar", max_new_tokens=TURN_TOKENS)).token_ids
+        ties.check(messages, want, output_ids, f"turn {len(messages)}")
+
+    ar = _converse(servers["ar"], ar_check)
+    mdm = _converse(servers["mdm"], mdm_check)
+    spec = _converse(spec_server_tiny, spec_check,
+                     vision_images=lambda: _counter(spec_server_tiny, "fast_dvlm:vision_encoder_images_total"))
+    _check_turn_hits(ar, answer_cached=True)
+    _check_turn_hits(spec, answer_cached=True)
+    _check_turn_hits(mdm, answer_cached=False)  # its last block's KV is bidirectional: not cached
+    # The vision tower runs once per new image: turn 1 brings one, turn 3 two.
+    assert [t[3] for t in spec] == [1, 0, 2, 0, 0]
+    # Same conversation (spec answers as AR does) -> the same prompt tokens computed, give or
+    # take the last answer token, whose KV spec has when a round (not its seed) committed it.
+    if [t[1] for t in spec] == [t[1] for t in ar]:
+        for (ids, _, cached_ar, _), (_, _, cached_spec, _) in zip(ar, spec):
+            assert 0 <= cached_spec - cached_ar <= 1, (len(ids), cached_ar, cached_spec)
+
+
+# ---- one stop rule for the three algorithms -----------------------------------------------------
+def _eos_ids(checkpoint) -> set[int]:
+    """SGLang's EOS set for a checkpoint: config + generation_config eos ids, and the tokenizer's."""
+    from fast_dvlm_sglang.tokenizer import load_tokenizer
+
+    ids = set()
+    for name in ("config.json", "generation_config.json"):
+        path = checkpoint / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            ids |= set(value if isinstance(value, list) else [] if value is None else [value])
+    tok = load_tokenizer(checkpoint)
+    return ids | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
+
+
+def _sglang_stop(raw, eos, stop_ids, ignore_eos, max_new):
+    """SGLang's AR rule (`Req._check_token_based_finish`): unless ignore_eos, the first token in
+    stop_token_ids or the EOS set ends the answer (kept); else max_new_tokens."""
+    for i, t in enumerate(raw[:max_new]):
+        if not ignore_eos and (t in stop_ids or t in eos):
+            return raw[: i + 1], {"type": "stop", "matched": t}
+    return raw[:max_new], {"type": "length", "length": max_new}
+
+
+@pytest.mark.parametrize("algorithm", ["ar", "mdm", "spec"])
+def test_stops_are_decided_by_sglangs_rule(servers, spec_server_tiny, tiny_checkpoints, algorithm):
+    """EOS ids, stop_token_ids, ignore_eos and stop strings end an mdm or spec answer exactly where
+    SGLang's AR rule ends the same tokens, on /generate and on the OpenAI endpoints. (A stop
+    never changes the tokens before it, greedy: so each algorithm's own answer with every stop
+    disabled is the ground truth its stopped answers are cut from.)"""
+    from sglang_helpers import generate
+
+    server = spec_server_tiny if algorithm == "spec" else servers[algorithm]
+    checkpoint = tiny_checkpoints["old" if algorithm == "mdm" else "new"]
+    eos, n = _eos_ids(checkpoint), 40
+    prompt = "the blue square is big. What shape is in the image?"
+    raw = generate(server, prompt, max_new_tokens=n, ignore_eos=True)["output_ids"]
+    assert len(raw) == n
+    picks = sorted({raw[3], raw[n // 2], raw[-1]})
+    cases = [dict(), dict(ignore_eos=True, stop_token_ids=picks)] + [dict(stop_token_ids=[t]) for t in picks]
+    for case in cases:
+        want, reason = _sglang_stop(raw, eos, set(case.get("stop_token_ids", [])), case.get("ignore_eos", False), n)
+        body = generate(server, prompt, max_new_tokens=n, **case)
+        assert body["output_ids"] == want, case
+        assert body["meta_info"]["finish_reason"] == reason, case
+
+    # A stop string: the text is cut before it, the reason is "stop"; same on /v1/completions.
+    from fast_dvlm_sglang.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    full = generate(server, prompt, max_new_tokens=n, ignore_eos=True)["text"]
+    stop = tok.decode(raw[n // 2: n // 2 + 2], skip_special_tokens=True).strip() or full[-3:]
+    assert stop and stop in full
+    expected_text = full[: full.index(stop)]
+    body = generate(server, prompt, max_new_tokens=n, ignore_eos=True, stop=[stop])
+    assert body["text"] == expected_text and body["meta_info"]["finish_reason"]["type"] == "stop"
+    client = server.client()
+    model = client.models.list().data[0].id
+    done = client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0, stop=[stop],
+                                     extra_body={"ignore_eos": True})
+    assert done.choices[0].text == expected_text and done.choices[0].finish_reason == "stop"
+    t = picks[0]
+    want, _ = _sglang_stop(raw, eos, {t}, False, n)
+    done = client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0,
+                                     extra_body={"stop_token_ids": [t]})
+    assert done.usage.completion_tokens == len(want) and done.choices[0].finish_reason == "stop"

@@ -142,7 +142,7 @@ class _Recorder:
 
 class Harness:
     def __init__(self, page_size: int, block_size: int = 8, context_chunk: int | None = None,
-                 wrong_every: int = 5):
+                 wrong_every: int = 5, radix: bool = False):
         from sglang.srt.disaggregation.utils import DisaggregationMode
         from sglang.srt.dllm.config import DllmConfig
         from sglang.srt.dllm.mixin.scheduler import SchedulerDllmMixin
@@ -168,8 +168,9 @@ class Harness:
                                                          need_sort=False)
         finally:
             os.environ.pop("SGLANG_DEBUG_MEMORY_POOL", None)
+        self.radix = radix  # SGLang's prefix cache on (the server's default) or off
         self.tree = UnifiedRadixCache(params=CacheInitParams(
-            disable=True, req_to_token_pool=self.pool, token_to_kv_pool_allocator=self.alloc, page_size=page_size,
+            disable=not radix, req_to_token_pool=self.pool, token_to_kv_pool_allocator=self.alloc, page_size=page_size,
             tree_components=(ComponentType.FULL,)))
         self.initial_free = self.alloc.available_size()
         self.model_config = SimpleNamespace(vocab_size=V, is_encoder_decoder=False, context_len=256,
@@ -246,6 +247,7 @@ class Harness:
         for req in batch_reqs:
             if req.dllm_phase in (DllmReqPhase.INCOMING_PREFILL, DllmReqPhase.INCOMING_DECODE):
                 req.init_next_round_input(self.tree)  # process_dllm_incoming_reqs
+                req.lock = self.tree.lock(req.last_node)  # PrefillAdder._commit_prefill_admission
             if prefill:  # PrefillAdder: the context (or one chunk of it)
                 remaining = req.dllm_block_offset - req.prefix_len
                 req.extend_end = req.prefix_len + min(remaining, self.context_chunk or remaining)
@@ -290,20 +292,41 @@ class Harness:
         n = req.kv.kv_allocated_len
         return torch.unique(self.pool.req_to_token[req.kv.req_pool_idx, :n].long() // self.page_size)
 
+    def tree_pages(self) -> torch.Tensor:
+        """Pages the radix tree holds (every node's KV indices)."""
+        if not self.radix:
+            return torch.empty(0, dtype=torch.long)
+        return torch.unique(self.tree.all_values_flatten().long() // self.page_size)
+
     def check_invariants(self):
+        """Every page is exactly one of: free, held by the tree, held by one request alone; a
+        request's row past the tree's part (`cache_protected_len`) holds pages no one else has."""
         free = self.alloc.get_all_free_pages().long()
         assert torch.unique(free).numel() == free.numel(), "double free"
-        owned_total = 0
+        tree = self.tree_pages()
+        assert not torch.isin(tree, free).any(), "the tree holds a freed page"
+        private_total = 0
+        seen = tree
         for req in self.reqs:
             if not req.kv.holds_kv:
                 continue
             pages = self.owned_pages(req)
             assert not torch.isin(pages, free).any(), f"{req.rid}: owns a page in the free list"
-            owned_total += pages.numel() * self.page_size
+            kv = req.kv
+            private = torch.unique(self.pool.req_to_token[kv.req_pool_idx, kv.cache_protected_len:
+                                                          kv.kv_allocated_len].long() // self.page_size)
+            assert not torch.isin(private, seen).any(), f"{req.rid}: shares a private page"
+            seen = torch.cat([seen, private])
+            private_total += private.numel() * self.page_size
             if not req.is_dllm_prefill() and req.dllm_algo_state is not None and req.dllm_algo_state.seed is not None:
-                kv = req.kv
                 assert kv.kv_committed_len == kv.kv_allocated_len == req.extend_end == req.seqlen, req.rid
-        assert self.alloc.available_size() + owned_total == self.initial_free
+        assert self.alloc.available_size() + tree.numel() * self.page_size + private_total == self.initial_free
+
+    def check_drained(self):
+        """No request left: every page is free or an unlocked (evictable) tree page."""
+        assert self.tree.protected_size() == 0, "a tree lock leaked"
+        assert self.alloc.available_size() + self.tree.evictable_size() == self.initial_free
+        assert len(self.pool.free_slots) == self.pool.size
 
 
 def _ids(req) -> list[int]:
@@ -589,22 +612,30 @@ if st is not None:
         page_size = draw(st.sampled_from([1, 2, 4, 8]))
         block_size = draw(st.sampled_from([8, 16])) if page_size == 8 else draw(st.sampled_from([4, 8]))
         n = draw(st.integers(1, 6))
+        # Prompts often share a prefix (a system prompt) so the radix cache has something to hit.
+        shared = draw(st.lists(st.integers(0, V - 2), min_size=0, max_size=20))
         reqs = []
         for _ in range(n):
-            prompt = draw(st.lists(st.integers(0, V - 2), min_size=1, max_size=24))
+            own = draw(st.lists(st.integers(0, V - 2), min_size=1, max_size=24))
+            prompt = (shared + own) if draw(st.booleans()) else own
             max_new = draw(st.integers(1, 40))
             eos = draw(st.sets(st.integers(0, V - 2), max_size=2))
             reqs.append((prompt, max_new, eos))
         aborts = draw(st.lists(st.tuples(st.integers(0, 30), st.integers(0, n - 1)), max_size=2))
         chunk = draw(st.one_of(st.none(), st.integers(1, 9)))
         wrong_every = draw(st.sampled_from([2, 3, 5, 1000]))
-        return page_size, block_size, reqs, aborts, chunk, wrong_every
+        radix = draw(st.booleans())
+        return page_size, block_size, reqs, aborts, chunk, wrong_every, radix
 
     @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(traffic())
     def test_random_traffic_keeps_the_pool_exact(sgl, case):
-        page_size, block_size, reqs, aborts, chunk, wrong_every = case
-        h = Harness(page_size, block_size=block_size, context_chunk=chunk, wrong_every=wrong_every)
+        """Random batches, chunked context passes, aborts, the prefix cache on or off: every
+        answer is the oracle's, every page is free, the tree's or one request's after every step,
+        and afterwards the pool is whole again (free + the tree's evictable pages, no lock left).
+        With the cache on, a second turn (prompt + answer + more) runs after the first batch."""
+        page_size, block_size, reqs, aborts, chunk, wrong_every, radix = case
+        h = Harness(page_size, block_size=block_size, context_chunk=chunk, wrong_every=wrong_every, radix=radix)
         made = [h.add(p, m, eos=e) for p, m, e in reqs]
         aborted = set()
 
@@ -621,10 +652,27 @@ if st is not None:
                 assert truth[: len(_ids(req))] == _ids(req)
             else:
                 assert _ids(req) == truth, (i, prompt, max_new, eos)
-        assert h.alloc.available_size() == h.initial_free
-        assert len(h.pool.free_slots) == h.pool.size
+        h.check_drained()
+        if radix:
+            first, (prompt, _, _) = made[0], reqs[0]
+            follow = prompt + _ids(first) + [1, 2]
+            req = h.add(follow, 12)
+            h.run()
+            assert _ids(req) == oracle(follow, 12, set())
+            if 0 not in aborted:  # the first turn's prompt and answer were inserted at its finish
+                # (its last token may have no KV: a seed that ended it is never written)
+                assert req.cached_tokens >= (len(prompt) + len(_ids(first)) - 1) // page_size * page_size
+            h.check_drained()
+        h.tree.evict(_evict_all(h))
         free = h.alloc.get_all_free_pages()
+        assert h.alloc.available_size() == h.initial_free
         assert torch.unique(free).numel() == free.numel() == POOL_TOKENS // page_size
+
+
+def _evict_all(h):
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    return EvictParams(num_tokens=POOL_TOKENS)
 
 
 # ---- per-round cost and SGLang's CUDA-graph inputs ----------------------------------------------

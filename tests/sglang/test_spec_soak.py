@@ -1,7 +1,7 @@
-"""Soak: 200 random requests through `fast-dvlm serve --algorithm spec` (tiny model, KV page
-size 4), some sampled, some streamed and dropped by the client mid-answer (SGLang aborts them).
+"""Soak: 200 random requests through `fast-dvlm serve --algorithm spec` (tiny model, chunked
+prefill, radix cache on), some sampled, some streamed and dropped by the client mid-answer (SGLang aborts them).
 
-Afterwards the KV pool's free count equals its initial value. Where it is read: SGLang's
+Afterwards the KV pool's free count plus the radix tree's evictable tokens equals the pool size. Where it is read: SGLang's
 Prometheus gauge `sglang:kv_available_tokens` on /metrics (server started with
 `--enable-metrics`; refreshed at every batch report and when the scheduler goes idle), compared
 with `max_total_num_tokens` from /server_info. SGLang's own idle invariant check
@@ -28,7 +28,8 @@ WORDS = "a red circle on the left the blue square is big what shape is in the im
 
 
 def _free_kv(server) -> float:
-    return prometheus_value(server, "sglang:kv_available_tokens")
+    """Free slots plus those only the radix tree holds (evictable)."""
+    return prometheus_value(server, "sglang:kv_available_tokens") + prometheus_value(server, "sglang:kv_evictable_tokens")
 
 
 def test_soak_200_requests_returns_every_kv_slot(spec_server_tiny, tiny_checkpoints):
