@@ -6,8 +6,8 @@
 Runs `python -m sglang.launch_server` (the plugin loads through its entry points in every SGLang
 process). Flags follow the machine: on a host without CUDA, the PyTorch CPU path (device cpu,
 torch_native attention, pytorch sampling, float32, no CUDA graphs, sdpa vision attention, a
-small KV pool). `--algorithm mdm` adds `--dllm-algorithm FastDVLMBlock` with a YAML of the
-sub-block size and threshold; `spec --spec-cuda-graph` one with `cuda_graph: true`; `ar` serves
+small KV pool, the scheduler sleeping while idle). `--algorithm mdm` adds `--dllm-algorithm
+FastDVLMBlock` with a YAML of the sub-block size and threshold; `spec --spec-cuda-graph` one with `cuda_graph: true`; `ar` serves
 the same weights autoregressively.
 """
 
@@ -65,9 +65,11 @@ def _has_cuda() -> bool:
 
 
 def cpu_flags() -> list[str]:
+    # --sleep-on-idle: an idle SGLang scheduler otherwise busy-polls a core, which on a CPU host
+    # is a core taken from the model (it still wakes at once on a request: zmq poll).
     return ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
             "--dtype", "float32", "--disable-cuda-graph", "--mm-attention-backend", "sdpa",
-            "--max-total-tokens", "8192", "--skip-server-warmup", "--tp-size", "1"]
+            "--max-total-tokens", "8192", "--skip-server-warmup", "--tp-size", "1", "--sleep-on-idle"]
 
 
 # On CUDA, the attention backend each dLLM algorithm is served with (what SGLang's own dLLM

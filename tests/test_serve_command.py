@@ -76,7 +76,7 @@ def test_cpu_flags(tmp_path):
     for name, value in [("--device", "cpu"), ("--attention-backend", "torch_native"), ("--dtype", "float32"),
                         ("--sampling-backend", "pytorch"), ("--max-running-requests", "3"), ("--api-key", "k")]:
         assert _flag(cmd, name) == value
-    assert "--disable-cuda-graph" in cmd
+    assert "--disable-cuda-graph" in cmd and "--sleep-on-idle" in cmd
     assert _flag(cmd, "--model-path") == str(tmp_path)
     assert _flag(cmd, "--served-model-name") is None
 

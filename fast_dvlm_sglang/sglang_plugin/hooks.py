@@ -36,6 +36,9 @@ HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
     # FastDVLMSpeculative keeps the verify pass's KV of the committed tokens: no re-encoding.
     ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin._stash_dllm_context",
      "fast_dvlm_sglang.sglang_plugin.spec_scheduler:stash_dllm_context", "AROUND"),
+    # FastDVLMSpeculative's next block starts at its seed (committed and streamed, no KV yet).
+    ("sglang.srt.managers.schedule_batch.Req._init_fill_ids_for_dllm",
+     "fast_dvlm_sglang.sglang_plugin.spec_scheduler:init_fill_ids_for_dllm", "AROUND"),
     # The KV pool under pressure (`kv_pressure.py`): refuse what can never fit, admit a context
     # pass only if it fits with a block of room per running request, run block rounds when no
     # context pass can start, retract instead of stalling.

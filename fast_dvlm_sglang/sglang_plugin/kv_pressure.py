@@ -91,6 +91,10 @@ def retract(scheduler, req) -> None:
     req.dllm_incomplete_ids = array("q")
     if isinstance(req.dllm_algo_state, dict):  # FastDVLMBlock: the block restarts from its first token
         req.dllm_algo_state = None
+    elif req.dllm_algo_state is not None:  # FastDVLMSpeculative: the seed is re-encoded with the output
+        import dataclasses
+
+        req.dllm_algo_state = dataclasses.replace(req.dllm_algo_state, seed=None)
     logger.info("fast_dvlm: retracted request %s (KV pool full: %d of %d tokens free)", req.rid,
                 free_tokens(scheduler), pool_tokens(scheduler))
 

@@ -2,15 +2,18 @@
 
 SGLang 0.5.23's separate-context-encoding flow (sglang/srt/dllm/mixin/scheduler.py) assumes a
 round emits a whole block, discards the block's KV and re-encodes it causally in the next round.
-A speculative round instead commits a variable number n = k + 1 of tokens per request (the seed
-and the k accepted drafts) whose causal KV the verify pass already wrote. Two AROUND hooks (listed
-in `hooks.HOOK_TARGETS`), active only when the server runs `FastDVLMSpeculative` (other
-algorithms reach SGLang's code unchanged):
+A speculative round instead commits a variable number n = k + 1 of tokens per request (the k
+accepted drafts and the next seed); the verify pass already wrote the causal KV of the seed and
+the drafts. The seed is always the request's last committed token, streamed as soon as it is
+known; its KV is written by the next round, whose block starts at it. Three AROUND hooks (listed
+in `hooks.HOOK_TARGETS`), active only for `FastDVLMSpeculative` requests (other algorithms reach
+SGLang's code unchanged):
 
 - `process_batch_result_dllm`:
-  * after the causal context pass: move each request's `SpecState` (now holding the seed) onto
-    the request, unless the pass was cut short (a chunked context pass: the next chunk's pass
-    brings the seed); a request SGLang marked `to_finish` (aborted while queued) finishes here;
+  * after the causal context pass: commit each request's seed (`adopt_context_state`: output,
+    SGLang's finish checks, streamed at once: spec's first token comes as early as AR's), unless
+    the pass was cut short (a chunked context pass: the last chunk's pass brings the seed); a
+    request SGLang marked `to_finish` (aborted while queued) finishes here;
   * after a round, for each request `apply_round`: write the n tokens into
     `full_untruncated_fill_ids` / `output_ids` (dropping the block's placeholder tail), run
     SGLang's finish checks (`update_finish_state(new_accepted_len=n)`: EOS / stop token / stop
@@ -19,24 +22,23 @@ algorithms reach SGLang's code unchanged):
     rejected slots. Finished requests then go through SGLang's `release_kv_cache`
     (`_finish_dllm_request_if_needed`), and every request's new tokens are streamed.
 - `_stash_dllm_context`: the KV is already rolled back, so only SGLang's prefix bookkeeping
-  (`stash_chunked_request`) runs; the next round starts right after the committed tokens
-  (`Req._init_fill_ids_for_dllm` puts `dllm_block_offset` at `seqlen` == `prefix_len`, phase
-  STAGING_DECODE: no context pass).
+  (`stash_chunked_request`) runs.
+- `Req._init_fill_ids_for_dllm`: SGLang puts the next block at `seqlen`; ours starts at the
+  seed, `seqlen - 1` == `prefix_len` (phase STAGING_DECODE: no context pass), `block_size` slots.
 
 KV rollback, page-size aware: keep positions [0, offset + n); free the whole pages from
 ceil((offset + n) / page) * page to the allocated end through the allocator's `free_segment`
 (page-aligned start, so every page is freed once). The partial page stays with the request and
 the next round's `alloc_extend` fills it first, as SGLang does for its own dLLM blocks
-(`SchedulerDllmMixin._stash_dllm_context`). Invariant after every round, for every live request:
-`kv_committed_len == kv_allocated_len == extend_end == prefix_len-to-be == seqlen`; the pending
-seed has no KV yet.
+(`SchedulerDllmMixin._stash_dllm_context`). Invariant after every context pass and round, for every live request:
+`kv_committed_len == kv_allocated_len == extend_end == prefix_len-to-be == seqlen - 1`: the
+seed, the last committed token, has no KV yet.
 
 Metrics (SGLang's per-token `req.customized_info` channel; native /generate returns them in
 `meta_info`, accumulated over stream chunks):
 - `meta_info["dllm_spec_round"]`: per output token, the draft/verify rounds run when it was
-  emitted. Round r emits its seed and its accepted drafts; a token that ends the request is
-  emitted with the round whose verify pass chose it (0: the context pass), without a round of its
-  own (`finish_with_seed`);
+  emitted: 0 for the first token (the context pass's), r for the accepted drafts and the next
+  seed of round r;
 - `meta_info["dllm_nfe"]`: per output token, the request's forward passes so far after its
   prompt's prefill (2 per round, 1 for a round with no room for a draft, + 1 per re-encoding
   context pass after a retraction), the reference decoder's `GenerationResult.nfe`;
@@ -100,21 +102,22 @@ def rollback_kv(req, keep_len: int, req_to_token_pool, allocator) -> int:
 
 def apply_round(req, tokens: list[int], state: SpecState, req_to_token_pool, allocator,
                 block_size: int) -> int:
-    """Commit one round's tokens (seed + accepted drafts) to `req`; roll back the block's KV.
+    """Commit one round's tokens (accepted drafts + the next seed) to `req`; roll back the
+    block's KV past the old seed and the accepted drafts.
 
     Returns the number of KV slots freed. Finish checks are SGLang's own.
     """
     n = len(tokens)
-    offset = req.extend_end - block_size  # the block's first position == tokens committed before
+    offset = req.extend_end - block_size  # the block's first position: the old seed's
     if not 1 <= n <= block_size:
         raise ValueError(f"a round commits 1..{block_size} tokens, got {n} for request {req.rid}")
-    if offset != req.seqlen:
-        raise RuntimeError(f"request {req.rid}: block at {offset} but {req.seqlen} tokens committed")
+    if offset != req.seqlen - 1:
+        raise RuntimeError(f"request {req.rid}: block at {offset} but its seed is at {req.seqlen - 1}")
     fill = req.full_untruncated_fill_ids
-    del fill[offset:]
+    del fill[offset + 1:]
     fill.extend(tokens)
     req.output_ids.extend(tokens)
-    keep = offset + n
+    keep = offset + n  # the old seed and the n - 1 accepted drafts; the new seed has no KV yet
     freed = rollback_kv(req, keep, req_to_token_pool, allocator)
     req.extend_end = keep
     req.dllm_block_offset = keep
@@ -124,27 +127,8 @@ def apply_round(req, tokens: list[int], state: SpecState, req_to_token_pool, all
     _record_metrics(req, state, n)
 
     req.update_finish_state(new_accepted_len=n)
-    if not req.finished():
-        finish_with_seed(req, state)
     req.dllm_algo_state = None if req.finished() else dataclasses.replace(state, budget=budget(req))
     return freed
-
-
-def finish_with_seed(req, state: SpecState) -> bool:
-    """Emit the pending seed now if it ends the request (EOS / stop token / stop string / the last
-    token of the budget): the reference decoder stops there, so no round (two forwards) is run
-    just to commit it. The seed's KV is never written; the request is released right after.
-    Otherwise nothing changes (SGLang's finish checks only read the request when nothing ends)."""
-    if state.seed is None:
-        return False
-    req.output_ids.append(state.seed)
-    req.update_finish_state(new_accepted_len=1)
-    if not req.finished():
-        req.output_ids.pop()
-        return False
-    req.full_untruncated_fill_ids.append(state.seed)
-    _record_metrics(req, state, 1)
-    return True
 
 
 def _record_metrics(req, state: SpecState, n: int) -> None:
@@ -155,14 +139,16 @@ def _record_metrics(req, state: SpecState, n: int) -> None:
 
 
 def adopt_context_state(req, state) -> bool:
-    """After a causal context pass: keep its seed unless the pass stopped short of the block.
-    A seed that ends the request is emitted at once (`finish_with_seed`): the caller releases it."""
+    """After a causal context pass: commit its seed (the next token; SGLang's finish checks run on
+    it), unless the pass stopped short of the context's end. The caller releases a request the
+    seed finished and streams the rest."""
     if not isinstance(state, SpecState) or req.finished() or req.extend_end != req.dllm_block_offset:
         return False
-    if finish_with_seed(req, state):
-        req.dllm_algo_state = None
-        return True
-    req.dllm_algo_state = dataclasses.replace(state, budget=budget(req))
+    req.output_ids.append(state.seed)
+    req.full_untruncated_fill_ids.append(state.seed)
+    _record_metrics(req, state, 1)
+    req.update_finish_state(new_accepted_len=1)
+    req.dllm_algo_state = None if req.finished() else dataclasses.replace(state, budget=budget(req))
     return True
 
 
@@ -172,19 +158,23 @@ def process_batch_result_dllm(original, scheduler, batch, result):
     if not batch.forward_mode.is_dllm_extend():
         original(scheduler, batch, result)  # context pass: SGLang only reports prefill stats
         states = result.dllm_algo_state or [None] * batch.batch_size()
-        finished = []
+        streamed = []
         record = metrics.enabled(scheduler)
         for req, state in zip(batch.reqs, states):
             if req.to_finish is not None and not req.finished():
                 req.update_finish_state()  # adopts `to_finish`
-            elif adopt_context_state(req, state) and record:
-                metrics.record(scheduler.dllm_config.block_size, rounds=0, accepted_drafts=0,
-                               tokens=int(req.finished()), forwards=int(state.rounds > 0))
+            elif adopt_context_state(req, state):
+                streamed.append(req)
+                scheduler.metrics_reporter.num_generated_tokens += 1
+                if record:
+                    metrics.record(scheduler.dllm_config.block_size, rounds=0, accepted_drafts=0, tokens=1,
+                                   forwards=int(state.rounds > 0))
             if req.finished():
                 scheduler._finish_dllm_request_if_needed(req)
-                finished.append(req)
-        if finished:
-            scheduler.output_streamer.stream_output(finished, batch.return_logprob)
+                if req not in streamed:
+                    streamed.append(req)
+        if streamed:
+            scheduler.output_streamer.stream_output(streamed, batch.return_logprob)
         return None
 
     if result.copy_done is not None:
@@ -221,7 +211,7 @@ def stash_dllm_context(original, scheduler, req):
     if not _ours(scheduler):
         return original(scheduler, req)
     kv = req.kv
-    if not (kv.kv_committed_len == kv.kv_allocated_len == req.extend_end == req.seqlen):
+    if not (kv.kv_committed_len == kv.kv_allocated_len == req.extend_end == req.seqlen - 1):
         raise RuntimeError(
             f"{ALGORITHM_NAME}: request {req.rid} KV not rolled back after its round "
             f"(committed={kv.kv_committed_len}, allocated={kv.kv_allocated_len}, "
@@ -229,3 +219,14 @@ def stash_dllm_context(original, scheduler, req):
         )
     scheduler.stash_chunked_request(req)
     return None
+
+
+def init_fill_ids_for_dllm(original, req):
+    """The next block of a spec request starts at its seed (the last committed token, no KV yet):
+    SGLang's layout puts it after `seqlen`, with `block_size` placeholder slots."""
+    initialized = req.dllm_initialized
+    original(req)
+    state = req.dllm_algo_state
+    if initialized and not req.dllm_incomplete_ids and isinstance(state, SpecState) and state.seed is not None:
+        req.dllm_block_offset = req.seqlen - 1
+        del req.full_untruncated_fill_ids[-1]

@@ -7,22 +7,24 @@ Per request (SGLang's separate-context-encoding flow plus the scheduler step of
    algorithm cannot honour (constrained decoding, penalties, logprobs, ...) and put a `SpecState`
    with the request's sampling settings on the request (`req.dllm_algo_state`);
 2. the prompt (after a retraction: prompt + committed output) goes through one causal EXTEND
-   forward, which writes its KV; its last logits give the *seed*, the next token, kept on the
-   request's `SpecState`, not yet in `req.output_ids` (its KV does not exist yet);
-3. every round is one DLLM_EXTEND batch of `block_size` slots per request, right after the
-   committed tokens, run twice in place:
+   forward, which writes its KV; its last logits give the *seed*, the next token: committed and
+   streamed at once (`spec_scheduler.adopt_context_state`, so the first token arrives as soon as
+   AR's), its KV not yet written; it is kept on the request's `SpecState`;
+3. every round is one DLLM_EXTEND batch of `block_size` slots per request, starting at the
+   seed's position (the committed tokens whose KV exists end right before it), run twice in place:
    - draft: [seed, MASK, ..., MASK] block-bidirectionally over the cached context; every mask is
      filled by argmax with the token shift (d_j = argmax logits[j-1]);
    - verify: [seed, d_1, ..., d_{B-1}] causally (same slots: its KV overwrites the draft's);
      v_j = the token chosen from logits[j-1] (argmax, or a sample from the request's own
      generator);
    - k = `accept_longest_prefix(d, v[:, :B-1], draft_len)` (the function the reference decoder
-     uses, vectorised over the batch, on device); the round commits [seed, d_1..d_k] (k + 1
-     tokens whose causal KV the verify pass wrote) and v_{k+1} is the next seed.
-   A row uses L = min(block_size, budget - 1) verify tokens (the budget counts the seed), so
-   draft_len = L - 1: exactly the reference decoder's round. When no row of the batch has room for
-   a draft token (L == 1 everywhere), the draft pass is skipped. A seed that ends the request
-   (EOS, stop, last token of the budget) is emitted without a round (`spec_scheduler`).
+     uses, vectorised over the batch, on device); the round commits d_1..d_k and v_{k+1}, the
+     next seed (k + 1 new tokens; the verify pass wrote the causal KV of the seed and of
+     d_1..d_k, the next seed's is written by the next round).
+   A row uses L = min(block_size, budget) verify tokens (the budget: tokens the request may still
+   emit after the seed), so draft_len = L - 1: exactly the reference decoder's round. When no row
+   of the batch has room for a draft token (L == 1 everywhere), the draft pass is skipped. A
+   request whose seed ends it (EOS, stop, last token of the budget) runs no further round.
    One host sync per round: the packed accept lengths, next seeds and block ids.
 
 Shapes never change: a block of `block_size` per request, whatever its context length, accepted
@@ -74,7 +76,7 @@ UNLIMITED = 1 << 30
 class SpecState:
     """What one request carries between forwards (`req.dllm_algo_state`)."""
 
-    seed: int | None = None  # next token: known, not committed; its KV is written by the next verify
+    seed: int | None = None  # last committed token; its KV is written by the next round's verify pass
     budget: int = UNLIMITED  # most tokens the next round may commit (max_new_tokens - len(output))
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
@@ -235,7 +237,7 @@ class FastDVLMSpeculative(DllmAlgorithm):
         ids = forward_batch.input_ids.view(bs, size)
         # Verify tokens a row uses: the seed's successor and its draft's, up to the budget left
         # after the seed (the reference decoder's `length`: same draws from the same generator).
-        lengths = [max(1, min(size, s.budget - 1)) for s in states]
+        lengths = [max(1, min(size, s.budget)) for s in states]
         meta = copy_to_device(torch.tensor([[s.seed, n] for s, n in zip(states, lengths)], dtype=torch.long),
                               ids.device)
         set_extend_mrope_positions(forward_batch)  # once per round: both passes share positions
@@ -263,7 +265,7 @@ class FastDVLMSpeculative(DllmAlgorithm):
                 out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
         verify = choose_tokens(out.logits_output.full_logits.view(bs, size, -1), states, lengths)
 
-        # Accept d_1..d_k with k < lengths (the seed is committed too), then v_{k+1} seeds.
+        # Accept d_1..d_k with k < lengths, then v_{k+1} is the next seed (committed too).
         accepted = accept_longest_prefix(draft.to(verify.dtype), verify[:, :-1], meta[:, 1] - 1)
         next_seed = verify.gather(1, accepted[:, None])
         packed = torch.cat([accepted[:, None], next_seed, ids.long()], dim=1).tolist()  # the sync
@@ -271,7 +273,7 @@ class FastDVLMSpeculative(DllmAlgorithm):
         commits, states_out = [], []
         for state, row, length in zip(states, packed, lengths):
             k = int(row[0])
-            commits.append(row[2:3 + k])  # seed, d_1..d_k
+            commits.append(row[3:3 + k] + row[1:2])  # d_1..d_k, the next seed
             # NFE as the reference counts it: the forwards this row needed (no draft at length 1).
             states_out.append(dataclasses.replace(state, seed=int(row[1]), rounds=state.rounds + 1,
                                                   nfe=state.nfe + 1 + (length > 1)))

@@ -319,7 +319,8 @@ class Harness:
             seen = torch.cat([seen, private])
             private_total += private.numel() * self.page_size
             if not req.is_dllm_prefill() and req.dllm_algo_state is not None and req.dllm_algo_state.seed is not None:
-                assert kv.kv_committed_len == kv.kv_allocated_len == req.extend_end == req.seqlen, req.rid
+                # the seed, the last committed token, has no KV yet
+                assert kv.kv_committed_len == kv.kv_allocated_len == req.extend_end == req.seqlen - 1, req.rid
         assert self.alloc.available_size() + tree.numel() * self.page_size + private_total == self.initial_free
 
     def check_drained(self):
@@ -336,37 +337,41 @@ def _ids(req) -> list[int]:
 # ---- tests ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_round_commits_prefix_and_releases_exact_slots(sgl, page_size):
-    """One request, block 8: each round commits seed + accepted drafts, keeps the prefix slots,
-    frees exactly the whole pages after the committed end, and the next block starts there."""
+    """One request, block 8: the context pass commits (and streams) the seed; each round commits
+    the accepted drafts and the next seed, keeps the prefix slots, frees exactly the whole pages
+    after the old seed and accepted drafts, and the next block starts at the new seed."""
     h = Harness(page_size)
     prompt = [5, 9, 17, 33, 2, 40, 8]
     req = h.add(prompt, max_new_tokens=40)
     assert h.step() == "context"
-    assert req.dllm_algo_state.seed == oracle(prompt, 1, set())[0] and req.output_ids == array("q")
+    seed = oracle(prompt, 1, set())[0]
+    assert req.dllm_algo_state.seed == seed and req.output_ids == array("q", [seed])
+    assert h.sched.output_streamer.streamed == [[req.rid]]  # the first token is out at once
     while not req.finished():
         before_len = req.seqlen
-        prefix_slots = h.pool.req_to_token[req.kv.req_pool_idx, :before_len].clone()
+        with_kv = before_len - 1  # everything but the seed
+        prefix_slots = h.pool.req_to_token[req.kv.req_pool_idx, :with_kv].clone()
         available_before = h.alloc.available_size()
         assert h.step() == "round"
-        n = req.seqlen - before_len if not req.finished() else len(req.output_ids) - (before_len - len(prompt))
-        assert 1 <= n <= h.block_size + (1 if req.finished() else 0)  # + a final token (`finish_with_seed`)
+        n = req.seqlen - before_len
+        assert 1 <= n <= h.block_size
         if req.finished():
             break
         # the committed prefix kept its slots; the block's slots after ceil(keep) are free again
-        assert torch.equal(h.pool.req_to_token[req.kv.req_pool_idx, :before_len], prefix_slots)
-        keep = req.seqlen
+        assert torch.equal(h.pool.req_to_token[req.kv.req_pool_idx, :with_kv], prefix_slots)
+        keep = req.seqlen - 1
         assert req.dllm_block_offset == req.extend_end == keep == req.kv.kv_allocated_len
-        block = h.pool.req_to_token[req.kv.req_pool_idx, before_len:before_len + h.block_size].long()
+        block = h.pool.req_to_token[req.kv.req_pool_idx, with_kv:with_kv + h.block_size].long()
         kept_pages = set((h.pool.req_to_token[req.kv.req_pool_idx, :keep].long() // page_size).tolist())
         block_pages = set((block // page_size).tolist())
         free_now = set(h.alloc.get_all_free_pages().tolist())
         assert block_pages - kept_pages <= free_now and not kept_pages & free_now
         pages = lambda n: -(-n // page_size)  # noqa: E731
-        assert available_before - h.alloc.available_size() == (pages(keep) - pages(before_len)) * page_size
+        assert available_before - h.alloc.available_size() == (pages(keep) - pages(with_kv)) * page_size
     assert _ids(req) == oracle(prompt, 40, set())
     assert not req.kv.holds_kv and h.alloc.available_size() == h.initial_free
     rounds = req.customized_info["dllm_spec_round"]
-    assert rounds[0] == 1 and rounds == sorted(rounds) and len(rounds) == 40
+    assert rounds[0] == 0 and rounds[1] == 1 and rounds == sorted(rounds) and len(rounds) == 40
     assert req.customized_info["dllm_nfe"] == [2 * r for r in rounds]
     assert sum(1 for _, causal, *_ in h.runner.calls if causal) == rounds[-1]  # one verify per round
     assert max(rounds.count(r) for r in set(rounds)) > 1  # some drafts were accepted
@@ -397,7 +402,7 @@ def test_budget_caps_commits_and_sets_length_finish(sgl):
     h = Harness(1, wrong_every=10_000)  # drafts always right: every round wants a full block
     req = h.add([1, 2, 3], max_new_tokens=5)
     h.step()
-    assert req.dllm_algo_state.budget == 5
+    assert req.dllm_algo_state.budget == 4 and len(req.output_ids) == 1  # the seed is committed
     h.step()
     assert req.finished() and isinstance(req.finished_reason, FINISH_LENGTH)
     assert _ids(req) == oracle([1, 2, 3], 5, set()) and len(req.output_ids) == 5
@@ -406,7 +411,7 @@ def test_budget_caps_commits_and_sets_length_finish(sgl):
     req = h.add([4, 5], max_new_tokens=19)
     h.step()
     h.step()
-    assert len(req.output_ids) == 8 and req.dllm_algo_state.budget == 11
+    assert len(req.output_ids) == 9 and req.dllm_algo_state.budget == 10  # seed + 7 drafts + seed
     h.run()
     assert _ids(req) == oracle([4, 5], 19, set()) and h.alloc.available_size() == h.initial_free
 
@@ -415,13 +420,13 @@ def test_budget_caps_commits_and_sets_length_finish(sgl):
 @pytest.mark.parametrize("ends", ["eos", "length"])
 def test_a_seed_that_ends_the_request_costs_no_round(sgl, page_size, ends):
     """The reference decoder stops as soon as its next token is EOS or the last of the budget; so
-    does the step: that token is emitted with the round (or context pass) that chose it, no round
-    runs to commit it, and every slot comes back."""
+    does the step: that token is committed by the round (or context pass) that chose it, no
+    round runs after it, and every slot comes back."""
     from sglang.srt.managers.schedule_batch import FINISH_LENGTH, FINISH_MATCHED_TOKEN
 
     prompt = [7, 3, 12]
     truth = oracle(prompt, 40, set())
-    h = Harness(page_size, wrong_every=10_000)  # drafts always right: round 1 commits truth[:8]
+    h = Harness(page_size, wrong_every=10_000)  # drafts always right: round 1 commits truth[1:9]
     cut = h.block_size  # the seed after round 1
     assert truth[cut] not in truth[:cut]
     if ends == "eos":
@@ -432,8 +437,8 @@ def test_a_seed_that_ends_the_request_costs_no_round(sgl, page_size, ends):
     assert _ids(req) == truth[: cut + 1] and len(req.output_ids) == cut + 1
     assert isinstance(req.finished_reason, FINISH_MATCHED_TOKEN if ends == "eos" else FINISH_LENGTH)
     assert sum(1 for dllm, *_ in h.runner.calls if dllm) == 2  # one round: draft + verify
-    assert req.customized_info["dllm_spec_round"] == [1] * (cut + 1)
-    assert req.customized_info["dllm_nfe"] == [2] * (cut + 1)
+    assert req.customized_info["dllm_spec_round"] == [0] + [1] * cut
+    assert req.customized_info["dllm_nfe"] == [0] + [2] * cut
     assert h.alloc.available_size() == h.initial_free
 
     # From the context pass: one token asked for, or the first token is EOS.
@@ -453,7 +458,7 @@ def test_a_seed_that_ends_the_request_costs_no_round(sgl, page_size, ends):
     h.run()
     assert [c[1] for c in h.runner.calls if c[0]] == [True]  # one DLLM forward, causal
     assert _ids(two[0]) == truth[:2] and _ids(two[1]) == oracle([4, 5, 6, 7, 8], 2, set())
-    assert two[0].customized_info["dllm_nfe"] == [1, 1]
+    assert two[0].customized_info["dllm_nfe"] == [0, 1]
     assert h.alloc.available_size() == h.initial_free
 
 
@@ -473,7 +478,7 @@ def test_eos_inside_accepted_prefix_ends_request_there(sgl, page_size):
     h.run()
     assert isinstance(req.finished_reason, FINISH_MATCHED_TOKEN)
     assert _ids(req) == truth[:5] and len(req.output_ids) > 5  # committed past it, reported up to it
-    assert req.customized_info["dllm_spec_round"][:5] == [1] * 5
+    assert req.customized_info["dllm_spec_round"][:5] == [0, 1, 1, 1, 1]
     assert _ids(other) == oracle([1, 1, 2], 12, set())
     assert h.alloc.available_size() == h.initial_free
 
@@ -557,7 +562,8 @@ def test_retracted_request_reencodes_its_output(sgl):
     req.dllm_phase = DllmReqPhase.INCOMING_PREFILL  # back in the waiting queue, like a new request
     h.staging.remove(req)
     assert h.step() == "context"
-    assert req.dllm_block_offset == len(prompt) + len(req.output_ids) and req.dllm_algo_state.rounds == rounds
+    # the re-encoding covered prompt + output (the old seed included); its new seed is committed
+    assert req.dllm_block_offset == len(prompt) + len(req.output_ids) - 1 and req.dllm_algo_state.rounds == rounds
     h.run()
     assert _ids(req) == oracle(prompt, 30, set()) and h.alloc.available_size() == h.initial_free
     nfe = req.customized_info["dllm_nfe"]

@@ -103,7 +103,7 @@ def _check_metrics(meta: dict, n_tokens: int, block_size: int = 32) -> tuple[int
     """The per-token round / NFE channels are consistent; returns (tokens, NFE)."""
     rounds, nfe = meta["dllm_spec_round"], meta["dllm_nfe"]
     assert len(rounds) == len(nfe) == n_tokens == meta["completion_tokens"]
-    assert rounds == sorted(rounds) and rounds[0] == (0 if n_tokens == 1 else 1)
+    assert rounds == sorted(rounds) and rounds[0] == 0  # the first token: the context pass's, streamed at once
     # two forwards a round after the prefill; a last round with no room for a draft has one
     assert all(f == 2 * r or (r == rounds[-1] and f == 2 * r - 1) for r, f in zip(rounds, nfe))
     assert max(rounds.count(r) for r in set(rounds)) <= block_size + 1  # + the final token
