@@ -96,9 +96,11 @@ def five_turns(client, model, max_tokens: int) -> list[dict]:
         messages.append({"role": "user", "content": content})
         r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
         cached = _cached(r.usage)
+        answer = r.choices[0].message.content
         rows.append({"prompt_tokens": r.usage.prompt_tokens, "cached_tokens": cached,
-                     "computed_prompt_tokens": r.usage.prompt_tokens - cached})
-        messages.append({"role": "assistant", "content": r.choices[0].message.content})
+                     "computed_prompt_tokens": r.usage.prompt_tokens - cached, "answer": answer,
+                     "finish_reason": r.choices[0].finish_reason})
+        messages.append({"role": "assistant", "content": answer})
     return rows
 
 
@@ -162,6 +164,9 @@ def main() -> None:
         warm_ar = min(r["ttft_s"] for r in rows["ar"]["ttft"][1:])
         report["warm_ttft_vs_ar"] = {a: round(min(r["ttft_s"] for r in row["ttft"][1:]) / warm_ar, 3)
                                      for a, row in rows.items()}
+        report["answers_equal_ar"] = {
+            a: [t["answer"] for t in row["five_turns"]] == [t["answer"] for t in rows["ar"]["five_turns"]]
+            for a, row in rows.items()}
         report["computed_prompt_tokens_equal_ar"] = {
             a: [t["computed_prompt_tokens"] for t in row["five_turns"]] ==
                [t["computed_prompt_tokens"] for t in rows["ar"]["five_turns"]] for a, row in rows.items()}
