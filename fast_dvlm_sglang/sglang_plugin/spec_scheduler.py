@@ -30,9 +30,9 @@ KV rollback, page-size aware: keep positions [0, offset + n); free the whole pag
 ceil((offset + n) / page) * page to the allocated end through the allocator's `free_segment`
 (page-aligned start, so every page is freed once). The partial page stays with the request and
 the next round's `alloc_extend` fills it first, as SGLang does for its own dLLM blocks
-(`SchedulerDllmMixin._stash_dllm_context`). Invariant after every context pass and round, for every live request:
-`kv_committed_len == kv_allocated_len == extend_end == prefix_len-to-be == seqlen - 1`: the
-seed, the last committed token, has no KV yet.
+(`SchedulerDllmMixin._stash_dllm_context`). Invariant after every context pass and round, for
+every live request: `kv_committed_len == kv_allocated_len == extend_end == prefix_len-to-be ==
+seqlen - 1`: the seed, the last committed token, has no KV yet.
 
 Metrics (SGLang's per-token `req.customized_info` channel; native /generate returns them in
 `meta_info`, accumulated over stream chunks):
