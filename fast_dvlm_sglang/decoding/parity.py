@@ -301,16 +301,25 @@ def _prefix_verdict(ar: list[int], other: list[int], i: int, bound: float) -> Pa
                          "one output is a prefix of the other (a stop differs), not a near tie")
 
 
+def _diverge(ar_tokens: Sequence[int], other_tokens: Sequence[int], bound: float):
+    """(ar, other, i, verdict): the verdict is set when no logits are needed (equal outputs, or
+    one a prefix of the other); else i is the first position where both have a differing token."""
+    ar, other = [int(t) for t in ar_tokens], [int(t) for t in other_tokens]
+    i = first_divergence(ar, other)
+    if i is None:
+        return ar, other, i, ParityVerdict(None, bound=bound)
+    if i >= min(len(ar), len(other)):
+        return ar, other, i, _prefix_verdict(ar, other, i, bound)
+    return ar, other, i, None
+
+
 def verdict_from_logits(ar_tokens: Sequence[int], other_tokens: Sequence[int], ar_logits: torch.Tensor,
                         bound: float) -> ParityVerdict:
     """Verdict from AR's step logits (`step_logits(model, prompt, ar_tokens)`, at least up to the
     divergence)."""
-    ar, other = [int(t) for t in ar_tokens], [int(t) for t in other_tokens]
-    i = first_divergence(ar, other)
-    if i is None:
-        return ParityVerdict(None, bound=bound)
-    if i >= min(len(ar), len(other)):
-        return _prefix_verdict(ar, other, i, bound)
+    ar, other, i, verdict = _diverge(ar_tokens, other_tokens, bound)
+    if verdict is not None:
+        return verdict
     row = ar_logits[i].double()
     if row[ar[i]] < row.max():
         raise ValueError(f"AR token {ar[i]} at {i} is not the argmax of the given logits: not AR's step logits")
@@ -325,12 +334,9 @@ def verdict_from_top_logprobs(ar_tokens: Sequence[int], other_tokens: Sequence[i
     (logprob, token id) at output position i (SGLang's `meta_info["output_top_logprobs"]`). A
     logprob gap is the logit gap. If the other token is not in AR's top-k the gap is only known to
     exceed AR's top-1 minus top-k: then the divergence is not accepted as a tie."""
-    ar, other = [int(t) for t in ar_tokens], [int(t) for t in other_tokens]
-    i = first_divergence(ar, other)
-    if i is None:
-        return ParityVerdict(None, bound=bound)
-    if i >= min(len(ar), len(other)):
-        return _prefix_verdict(ar, other, i, bound)
+    ar, other, i, verdict = _diverge(ar_tokens, other_tokens, bound)
+    if verdict is not None:
+        return verdict
     entries = dict((t, lp) for lp, t in _pairs(ar_top_logprobs[i]))
     if ar[i] not in entries or entries[ar[i]] < max(entries.values()):
         raise ValueError(f"AR token {ar[i]} at {i} is not the top of the given top logprobs")
@@ -349,12 +355,9 @@ def reference_verdict(model, prompt: Prompt, ar_tokens: Sequence[int], other_tok
 
     With `check_rest`, a tie at i is accepted only if every later token of `other` is, within the
     bound, AR's greedy choice given `other`'s own prefix (so nothing after the tie is wrong)."""
-    ar, other = [int(t) for t in ar_tokens], [int(t) for t in other_tokens]
-    i = first_divergence(ar, other)
-    if i is None:
-        return ParityVerdict(None, bound=bound)
-    if i >= min(len(ar), len(other)):
-        return _prefix_verdict(ar, other, i, bound)
+    ar, other, i, verdict = _diverge(ar_tokens, other_tokens, bound)
+    if verdict is not None:
+        return verdict
     verdict = verdict_from_logits(ar, other, step_logits(model, prompt, ar[: i + 1]), bound)
     if not (verdict.tie and check_rest) or i + 1 >= len(other):
         return verdict
