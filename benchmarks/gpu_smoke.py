@@ -66,6 +66,9 @@ def serve_flags(algorithm: str, graphs: bool, device: str, dtype: str) -> tuple[
     serve, sglang = ["--device", device], ["--dtype", dtype]
     if algorithm == "spec":
         serve += ["--spec-cuda-graph"] if graphs else []  # spec runs its rounds eagerly by default
+        # Whole blocks in both: under graphs every round keeps the full canvas, so only pinned
+        # rounds make eager and graph rounds (and their NFE) comparable one to one.
+        serve += ["--draft-length", "31"]
     elif not graphs and device == "cuda":
         sglang += ["--disable-cuda-graph"]  # ar/mdm: SGLang captures decode graphs by default
     return serve, sglang

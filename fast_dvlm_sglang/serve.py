@@ -7,13 +7,15 @@ Runs `python -m sglang.launch_server` (the plugin loads through its entry points
 process). Flags follow the machine: on a host without CUDA, the PyTorch CPU path (device cpu,
 torch_native attention, pytorch sampling, float32, no CUDA graphs, sdpa vision attention, a
 small KV pool, the scheduler sleeping while idle). `--algorithm mdm` adds `--dllm-algorithm
-FastDVLMBlock` with a YAML of the sub-block size and threshold; `spec --spec-cuda-graph` one with `cuda_graph: true`; `ar` serves
+FastDVLMBlock` with a YAML of the sub-block size and threshold; `spec` one with `cuda_graph: true`
+(`--spec-cuda-graph`), `draft_length` (`--draft-length`) or `forward_cost` (`--forward-cost`); `ar` serves
 the same weights autoregressively.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -42,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--spec-cuda-graph", action="store_true",
                    help="spec on CUDA: capture the draft and verify passes as two decode CUDA graphs "
                         "(opt-in, not yet run on a GPU with SGLang; default: eager rounds)")
+    p.add_argument("--draft-length", type=int, default=None,
+                   help="spec: pin every round to this many draft tokens (0: AR steps; default: the adaptive "
+                        "policy chooses per request and round)")
+    p.add_argument("--forward-cost", default=None,
+                   help="spec: the adaptive policy's cost table (JSON from benchmarks/bench_forward_cost.py; "
+                        "default: the built-in table of the device type)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dry-run", action="store_true", help="print the SGLang command and exit")
     return p
@@ -127,15 +135,28 @@ def build_command(args: argparse.Namespace, extra: list[str], algo_config: str |
 
 def algorithm_yaml(args: argparse.Namespace) -> str | None:
     """The `--dllm-algorithm-config` YAML for the chosen algorithm (None: none needed)."""
-    if args.spec_cuda_graph:
-        if args.algorithm != "spec":
-            raise SystemExit("fast-dvlm serve: --spec-cuda-graph needs --algorithm spec")
-        if args.device == "cpu" or (args.device == "auto" and not _has_cuda()):
-            raise SystemExit("fast-dvlm serve: --spec-cuda-graph needs a CUDA GPU")
-        return "cuda_graph: true\n"
+    spec_only = {"--spec-cuda-graph": args.spec_cuda_graph, "--draft-length": args.draft_length is not None,
+                 "--forward-cost": args.forward_cost is not None}
+    for flag, given in spec_only.items():
+        if given and args.algorithm != "spec":
+            raise SystemExit(f"fast-dvlm serve: {flag} needs --algorithm spec")
     if args.algorithm == "mdm":
         return f"sub_block_size: {args.sub_block_size}\nthreshold: {args.threshold}\n"
-    return None
+    lines = []
+    if args.spec_cuda_graph:
+        if args.device == "cpu" or (args.device == "auto" and not _has_cuda()):
+            raise SystemExit("fast-dvlm serve: --spec-cuda-graph needs a CUDA GPU")
+        lines.append("cuda_graph: true")
+    if args.draft_length is not None:
+        if args.draft_length < 0:
+            raise SystemExit(f"fast-dvlm serve: --draft-length must be >= 0, got {args.draft_length}")
+        lines.append(f"draft_length: {args.draft_length}")
+    if args.forward_cost is not None:
+        path = Path(args.forward_cost).resolve()
+        if not path.is_file():
+            raise SystemExit(f"fast-dvlm serve: --forward-cost {args.forward_cost}: no such file")
+        lines.append(f"forward_cost: {json.dumps(str(path))}")
+    return "".join(line + "\n" for line in lines) or None
 
 
 def serve_main(argv: list[str]) -> int:

@@ -25,9 +25,10 @@ def test_serve_flags():
     assert f("ar", True, "cuda", "bfloat16") == (["--device", "cuda"], ["--dtype", "bfloat16"])
     assert f("ar", False, "cuda", "bfloat16") == (["--device", "cuda"], ["--dtype", "bfloat16", "--disable-cuda-graph"])
     assert f("mdm", False, "cuda", "bfloat16")[1][-1] == "--disable-cuda-graph"
-    assert f("spec", True, "cuda", "bfloat16") == (["--device", "cuda", "--spec-cuda-graph"], ["--dtype", "bfloat16"])
-    assert f("spec", False, "cuda", "bfloat16") == (["--device", "cuda"], ["--dtype", "bfloat16"])
-    assert f("spec", False, "cpu", "bfloat16") == (["--device", "cpu"], ["--dtype", "bfloat16"])
+    pin = ["--draft-length", "31"]  # whole blocks: eager and graph rounds comparable one to one
+    assert f("spec", True, "cuda", "bfloat16") == (["--device", "cuda", "--spec-cuda-graph", *pin], ["--dtype", "bfloat16"])
+    assert f("spec", False, "cuda", "bfloat16") == (["--device", "cuda", *pin], ["--dtype", "bfloat16"])
+    assert f("spec", False, "cpu", "bfloat16") == (["--device", "cpu", *pin], ["--dtype", "bfloat16"])
     with pytest.raises(ValueError, match="CUDA graphs"):
         f("ar", True, "cpu", "float32")
 

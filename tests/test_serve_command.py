@@ -144,3 +144,25 @@ def test_stopping_serve_stops_the_server(tmp_path, signum):
         wrapper.kill()
         with contextlib.suppress(ProcessLookupError):
             os.kill(standin, signal.SIGKILL)
+
+
+def test_draft_length_and_forward_cost_are_algorithm_config(tmp_path):
+    import yaml
+
+    table = tmp_path / "cost.json"
+    table.write_text('{"fit": {"base": 0.01, "per_token": 0.001}}')
+    argv = ["--model", str(tmp_path), "--draft-length", "0", "--forward-cost", str(table)]
+    assert _flag(_cmd(*argv), "--dllm-algorithm-config") == "/tmp/algo.yaml"
+    assert yaml.safe_load(serve.algorithm_yaml(serve._parser().parse_args(argv))) == {
+        "draft_length": 0, "forward_cost": str(table.resolve())}
+    assert serve.algorithm_yaml(serve._parser().parse_args(["--model", str(tmp_path)])) is None  # adaptive
+
+
+@pytest.mark.parametrize("argv,message", [
+    (("--algorithm", "ar", "--draft-length", "3"), "--draft-length needs --algorithm spec"),
+    (("--draft-length", "-1"), "must be >= 0"),
+    (("--forward-cost", "/nonexistent/cost.json"), "no such file"),
+])
+def test_draft_length_misuse_is_a_one_line_error(tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        _cmd("--model", str(tmp_path), *argv)

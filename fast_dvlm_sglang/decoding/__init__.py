@@ -38,6 +38,7 @@ def generate(model, prompt: Prompt, config: GenerationConfig, tokenizer=None, ca
         mdm_decode(session, out, params, generator, block_size=block_size, sub_block_size=config.sub_block_size,
                    threshold=config.threshold, mask_id=cfg.mask_token_id)
     else:
-        accepted = spec_decode(session, out, params, generator, block_size=block_size, mask_id=cfg.mask_token_id)
+        accepted = spec_decode(session, out, params, generator, block_size=block_size, mask_id=cfg.mask_token_id,
+                               policy=config.draft_policy)
     text = visible_text(decode(out.tokens), config.stop_strings) if decode is not None else None
     return GenerationResult(config.algorithm, list(out.tokens), text, session.nfe, out.finish_reason or "length", accepted)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .draft_policy import AcceptanceEstimate
+
 
 def accept_longest_prefix(draft: torch.Tensor, verify: torch.Tensor, draft_len: torch.Tensor | None = None) -> torch.Tensor:
     """Number of leading positions where `draft` [B, L] equals `verify` [B, L] (vectorised).
@@ -38,8 +40,11 @@ def committed_tokens(draft: torch.Tensor, verify: torch.Tensor, accepted: torch.
     return out.masked_fill(pos > k, -1)
 
 
-def spec_decode(session, out, params, generator, *, block_size: int, mask_id: int) -> list[int]:
+def spec_decode(session, out, params, generator, *, block_size: int, mask_id: int, policy=None) -> list[int]:
     """Reference speculative loop over one request; returns the accepted draft length per round.
+
+    Each round is as wide as `policy` (a `draft_policy.DraftPolicy`, as the SGLang plugin runs
+    it at batch 1) chooses from the request's acceptance so far; without one, a whole block.
 
     Draft tokens are always argmax (the draft only proposes). The verify tokens follow the
     request's sampling settings: greedy gives AR greedy exactly; with temperature > 0 each
@@ -53,8 +58,12 @@ def spec_decode(session, out, params, generator, *, block_size: int, mask_id: in
     accepted: list[int] = []
     seed = sample_tokens(session.prefill(), params, generator)[0].view(1)
     out.extend(seed.tolist())
+    estimate = AcceptanceEstimate()
     while not out.finished:
-        length = max(1, min(block_size, out.remaining))
+        if policy is None:
+            length = max(1, min(block_size, out.remaining))
+        else:
+            length = policy.choose([estimate], [session.cache.length], [out.remaining])[0]
         if length > 1:
             masks = torch.full((length - 1,), mask_id, dtype=torch.long, device=device)
             draft_logits = session.forward(torch.cat([seed, masks]), bidirectional=True, write=False)
@@ -69,6 +78,8 @@ def spec_decode(session, out, params, generator, *, block_size: int, mask_id: in
         k = int(k[0])
         session.cache.truncate(base + 1 + k)  # keep the seed and the accepted draft tokens
         accepted.append(k)
+        if policy is not None:
+            estimate = policy.update(estimate, length - 1, k)
         out.extend(new[: k + 1].tolist())
         seed = new[k : k + 1]
     return accepted

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import DEFAULT_SUB_BLOCK_SIZE
+from .draft_policy import DraftPolicy
 from .sampling import SamplingParams
 
 ALGORITHMS = ("ar", "mdm", "spec")
@@ -20,6 +21,7 @@ class GenerationConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     eos_token_ids: tuple[int, ...] | None = None  # None: the checkpoint's EOS ids
     stop_strings: tuple[str, ...] = ()
+    draft_policy: DraftPolicy | None = None  # spec: each round's width (None: a whole block)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:

@@ -39,6 +39,9 @@ HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
     # FastDVLMSpeculative's next block starts at its seed (committed and streamed, no KV yet).
     ("sglang.srt.managers.schedule_batch.Req._init_fill_ids_for_dllm",
      "fast_dvlm_sglang.sglang_plugin.spec_scheduler:init_fill_ids_for_dllm", "AROUND"),
+    # ... and is as wide as `draft_length.py` chooses for the batch (1: an AR step .. block size).
+    ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin.process_dllm_staging_reqs",
+     "fast_dvlm_sglang.sglang_plugin.draft_length:process_dllm_staging_reqs", "AROUND"),
     # The KV pool under pressure (`kv_pressure.py`): refuse what can never fit, admit a context
     # pass only if it fits with a block of room per running request, run block rounds when no
     # context pass can start, retract instead of stalling.
@@ -60,6 +63,10 @@ HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
     ("sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len",
      f"{_PC}:compute_max_prefix_len", "AROUND"),
     ("sglang.srt.arg_groups.overrides._dllm_page_size", f"{_PC}:dllm_page_size", "AROUND"),
+    # The CPU path: extend attention of our layers in O(new x context) (SGLang's torch_native
+    # backend computes a square attention over the whole sequence per extend, `cpu_attention.py`).
+    ("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend",
+     "fast_dvlm_sglang.sglang_plugin.cpu_attention:forward_extend", "AROUND"),
     # CUDA graphs for FastDVLMSpeculative (opt-in): a bidirectional and a causal capture.
     ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.create_attention_graph_variants",
      "fast_dvlm_sglang.sglang_plugin.attention_modes:create_attention_graph_variants", "AROUND"),

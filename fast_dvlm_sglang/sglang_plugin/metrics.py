@@ -13,6 +13,8 @@ here are merged into the server's `/metrics` next to SGLang's:
   tokens/NFE = spec_tokens_total / spec_forwards_total, the per-request `meta_info["dllm_nfe"]`
   summed);
 - `fast_dvlm:spec_round_tokens`: histogram of the tokens a round emits (1 .. block_size + 1);
+- `fast_dvlm:spec_draft_length`: histogram of the draft length k a round ran with, per request
+  (0: an AR step; `draft_length.py` chooses it);
 - `fast_dvlm:vision_encoder_images_total`: images the vision tower encoded (an image whose
   tokens come from the radix cache is not encoded again);
 - `fast_dvlm:cached_prompt_tokens`: histogram of the prompt tokens a request found in the radix
@@ -38,6 +40,8 @@ def _series(block_size: int):
         Counter(PREFIX + "forwards", "Model forwards per request after the prompt's prefill (NFE)"),
         Histogram(PREFIX + "round_tokens", "Tokens emitted per round",
                   buckets=[float(b) for b in range(1, block_size + 2)]),
+        Histogram(PREFIX + "draft_length", "Draft tokens per round and request (0: an AR step)",
+                  buckets=[float(b) for b in range(0, block_size)]),
     )
 
 
@@ -46,15 +50,17 @@ def enabled(scheduler) -> bool:
     return bool(getattr(reporter, "enable_metrics", False))
 
 
-def record(block_size: int, *, rounds: int, accepted_drafts: int, tokens: int, forwards: int) -> None:
+def record(block_size: int, *, rounds: int, accepted_drafts: int, tokens: int, forwards: int,
+           draft_length: int = 0) -> None:
     """One request's progress in one scheduler step (a round, or a context pass that ended it)."""
-    rounds_c, drafts_c, tokens_c, forwards_c, per_round = _series(block_size)
+    rounds_c, drafts_c, tokens_c, forwards_c, per_round, draft_lengths = _series(block_size)
     rounds_c.inc(rounds)
     drafts_c.inc(accepted_drafts)
     tokens_c.inc(tokens)
     forwards_c.inc(forwards)
     if rounds:
         per_round.observe(tokens)
+        draft_lengths.observe(draft_length)
 
 
 CACHED_TOKEN_BUCKETS = [0.0] + [float(2 ** i) for i in range(5, 18)]  # 0, 32 .. 128k

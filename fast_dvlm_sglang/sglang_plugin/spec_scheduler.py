@@ -3,7 +3,7 @@
 SGLang 0.5.23's separate-context-encoding flow (sglang/srt/dllm/mixin/scheduler.py) assumes a
 round emits a whole block, discards the block's KV and re-encodes it causally in the next round.
 A speculative round instead commits a variable number n = k + 1 of tokens per request (the k
-accepted drafts and the next seed); the verify pass already wrote the causal KV of the seed and
+accepted drafts and the next seed; a round of width w drafts w - 1, width 1 is an AR step); the verify pass already wrote the causal KV of the seed and
 the drafts. The seed is always the request's last committed token, streamed as soon as it is
 known; its KV is written by the next round, whose block starts at it. Three AROUND hooks (listed
 in `hooks.HOOK_TARGETS`), active only for `FastDVLMSpeculative` requests (other algorithms reach
@@ -24,7 +24,8 @@ SGLang's code unchanged):
 - `_stash_dllm_context`: the KV is already rolled back, so only SGLang's prefix bookkeeping
   (`stash_chunked_request`) runs.
 - `Req._init_fill_ids_for_dllm`: SGLang puts the next block at `seqlen`; ours starts at the
-  seed, `seqlen - 1` == `prefix_len` (phase STAGING_DECODE: no context pass), `block_size` slots.
+  seed, `seqlen - 1` == `prefix_len` (phase STAGING_DECODE: no context pass), `block_size` slots,
+  which `draft_length.py` cuts to the round's width before SGLang's adder sizes the batch.
 
 KV rollback, page-size aware: keep positions [0, offset + n); free the whole pages from
 ceil((offset + n) / page) * page to the allocated end through the allocator's `free_segment`
@@ -54,12 +55,14 @@ import dataclasses
 import logging
 
 from . import metrics
+from .draft_length import scheduler_policy
 from .speculative import ALGORITHM_NAME, SpecState
 
 logger = logging.getLogger(__name__)
 
 METRIC_ROUND = "dllm_spec_round"
 METRIC_NFE = "dllm_nfe"
+METRIC_DRAFT_LENGTH = "dllm_draft_length"
 
 
 def register_algorithm() -> None:
@@ -101,18 +104,21 @@ def rollback_kv(req, keep_len: int, req_to_token_pool, allocator) -> int:
 
 
 def apply_round(req, tokens: list[int], state: SpecState, req_to_token_pool, allocator,
-                block_size: int) -> int:
+                block_size: int, policy=None) -> int:
     """Commit one round's tokens (accepted drafts + the next seed) to `req`; roll back the
-    block's KV past the old seed and the accepted drafts.
+    block's KV past the old seed and the accepted drafts; update the request's acceptance
+    estimate (`policy`: the `DraftPolicy`, None: keep it).
 
     Returns the number of KV slots freed. Finish checks are SGLang's own.
     """
     n = len(tokens)
-    offset = req.extend_end - block_size  # the block's first position: the old seed's
-    if not 1 <= n <= block_size:
-        raise ValueError(f"a round commits 1..{block_size} tokens, got {n} for request {req.rid}")
-    if offset != req.seqlen - 1:
-        raise RuntimeError(f"request {req.rid}: block at {offset} but its seed is at {req.seqlen - 1}")
+    offset = req.seqlen - 1  # the block's first position: the old seed's
+    slots = req.extend_end - offset
+    if not 1 <= slots <= block_size:
+        raise RuntimeError(f"request {req.rid}: block of {slots} slots at {offset} (block size {block_size})")
+    if not 1 <= n <= min(slots, state.width or slots):
+        raise ValueError(f"a round of width {state.width or slots} commits 1..{state.width or slots} tokens, "
+                         f"got {n} for request {req.rid}")
     fill = req.full_untruncated_fill_ids
     del fill[offset + 1:]
     fill.extend(tokens)
@@ -122,20 +128,26 @@ def apply_round(req, tokens: list[int], state: SpecState, req_to_token_pool, all
     req.extend_end = keep
     req.dllm_block_offset = keep
 
+    drafted = (state.width or slots) - 1
     req.spec_verify_ct += 1
     req.spec_num_correct_drafts += n - 1
-    _record_metrics(req, state, n)
+    _record_metrics(req, state, n, drafted)
 
     req.update_finish_state(new_accepted_len=n)
-    req.dllm_algo_state = None if req.finished() else dataclasses.replace(state, budget=budget(req))
+    if req.finished():
+        req.dllm_algo_state = None
+    else:
+        acceptance = state.acceptance if policy is None else policy.update(state.acceptance, drafted, n - 1)
+        req.dllm_algo_state = dataclasses.replace(state, budget=budget(req), acceptance=acceptance)
     return freed
 
 
-def _record_metrics(req, state: SpecState, n: int) -> None:
+def _record_metrics(req, state: SpecState, n: int, drafted: int) -> None:
     if req.customized_info is None:
         req.customized_info = {}
     req.customized_info.setdefault(METRIC_ROUND, []).extend([state.rounds] * n)
     req.customized_info.setdefault(METRIC_NFE, []).extend([state.nfe] * n)
+    req.customized_info.setdefault(METRIC_DRAFT_LENGTH, []).extend([drafted] * n)
 
 
 def adopt_context_state(req, state) -> bool:
@@ -146,7 +158,7 @@ def adopt_context_state(req, state) -> bool:
         return False
     req.output_ids.append(state.seed)
     req.full_untruncated_fill_ids.append(state.seed)
-    _record_metrics(req, state, 1)
+    _record_metrics(req, state, 1, 0)
     req.update_finish_state(new_accepted_len=1)
     req.dllm_algo_state = None if req.finished() else dataclasses.replace(state, budget=budget(req))
     return True
@@ -183,16 +195,18 @@ def process_batch_result_dllm(original, scheduler, batch, result):
     allocator = scheduler.token_to_kv_pool_allocator
     states = result.dllm_algo_state
     record = metrics.enabled(scheduler)
+    policy = scheduler_policy(scheduler)
     allocator.free_group_begin()
     try:
         for req, tokens, state in zip(batch.reqs, result.next_token_ids, states):
             if req.finished():
                 continue  # released elsewhere while the round ran
             emitted, nfe = len(req.output_ids), req.dllm_algo_state.nfe
-            apply_round(req, list(tokens), state, scheduler.req_to_token_pool, allocator, block_size)
+            apply_round(req, list(tokens), state, scheduler.req_to_token_pool, allocator, block_size, policy)
             if record:
                 metrics.record(block_size, rounds=1, accepted_drafts=len(tokens) - 1,
-                               tokens=len(req.output_ids_through_stop) - emitted, forwards=state.nfe - nfe)
+                               tokens=len(req.output_ids_through_stop) - emitted, forwards=state.nfe - nfe,
+                               draft_length=state.width - 1)
             scheduler.metrics_reporter.num_generated_tokens += len(tokens)
             scheduler._finish_dllm_request_if_needed(req)
         scheduler.output_streamer.stream_output(batch.reqs, batch.return_logprob)

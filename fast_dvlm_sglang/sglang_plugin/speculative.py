@@ -10,32 +10,37 @@ Per request (SGLang's separate-context-encoding flow plus the scheduler step of
    forward, which writes its KV; its last logits give the *seed*, the next token: committed and
    streamed at once (`spec_scheduler.adopt_context_state`, so the first token arrives as soon as
    AR's), its KV not yet written; it is kept on the request's `SpecState`;
-3. every round is one DLLM_EXTEND batch of `block_size` slots per request, starting at the
-   seed's position (the committed tokens whose KV exists end right before it), run twice in place:
+3. every round is one DLLM_EXTEND batch; request i holds w_i slots starting at its seed's
+   position (the committed tokens whose KV exists end right before it), w_i chosen for the
+   whole batch by `draft_length.py` (1: an AR step, up to `block_size`), run twice in place:
    - draft: [seed, MASK, ..., MASK] block-bidirectionally over the cached context; every mask is
      filled by argmax with the token shift (d_j = argmax logits[j-1]);
-   - verify: [seed, d_1, ..., d_{B-1}] causally (same slots: its KV overwrites the draft's);
+   - verify: [seed, d_1, ..., d_{w-1}] causally (same slots: its KV overwrites the draft's);
      v_j = the token chosen from logits[j-1] (argmax, or a sample from the request's own
      generator);
-   - k = `accept_longest_prefix(d, v[:, :B-1], draft_len)` (the function the reference decoder
+   - k = `accept_longest_prefix(d, v[:, :w-1], draft_len)` (the function the reference decoder
      uses, vectorised over the batch, on device); the round commits d_1..d_k and v_{k+1}, the
      next seed (k + 1 new tokens; the verify pass wrote the causal KV of the seed and of
      d_1..d_k, the next seed's is written by the next round).
-   A row uses L = min(block_size, budget) verify tokens (the budget: tokens the request may still
-   emit after the seed), so draft_len = L - 1: exactly the reference decoder's round. When no row
-   of the batch has room for a draft token (L == 1 everywhere), the draft pass is skipped. A
-   request whose seed ends it (EOS, stop, last token of the budget) runs no further round.
-   One host sync per round: the packed accept lengths, next seeds and block ids.
+   A row uses L = min(w, budget) verify tokens (the budget: tokens the request may still emit
+   after the seed; the scheduler already caps w by it), so draft_len = L - 1: exactly the
+   reference decoder's round of that width. When no row drafts (L == 1 everywhere: a batch of
+   AR steps) the draft pass is skipped. A request whose seed ends it (EOS, stop, last token of
+   the budget) runs no further round. One host sync per round: the packed accept lengths, next
+   seeds and drafts.
 
-Shapes never change: a block of `block_size` per request, whatever its context length, accepted
-length or remaining budget (a short budget only caps k through `draft_len`); the inputs are
-rewritten in place in `forward_batch.input_ids`, which SGLang's runners copy into their static
-buffers on every forward. The verify pass is causal through `attention_modes.causal_pass()`. A
-captured CUDA graph freezes one attention mode, so with `cuda_graph: true` in the
-`--dllm-algorithm-config` YAML SGLang's decode graph runner captures two graphs per batch size
-(bidirectional and causal, `attention_modes.SpecAttentionModes`) and replays the causal one for
-the verify pass; without it (the default, until this runs on a GPU with SGLang) the decode CUDA
-graph is disabled for this algorithm (`configure_server_args`).
+Rows of different widths share the forwards: SGLang's extend metadata (`extend_seq_lens`) is per
+row, only the positions SGLang lays out for a dLLM batch assume `block_size` slots per request,
+so the round rewrites them (`round_layout`, one host-to-device copy with the seeds and the
+index tables). The inputs are rewritten in place in `forward_batch.input_ids`, which SGLang's
+runners copy into their static buffers on every forward. The verify pass is causal through
+`attention_modes.causal_pass()`. A captured CUDA graph freezes one attention mode and one
+canvas width, so with `cuda_graph: true` in the `--dllm-algorithm-config` YAML SGLang's decode
+graph runner captures two graphs per batch size (bidirectional and causal,
+`attention_modes.SpecAttentionModes`) of `block_size` slots per request, every row keeps the
+whole block (`draft_length.py`: the batch drafts a full block or runs AR steps) and the causal
+graph replays the verify pass; without it (the default, until this runs on a GPU with SGLang)
+the decode CUDA graph is disabled for this algorithm (`configure_server_args`).
 
 Sampling (temperature > 0): the draft stays argmax; the verify tokens of the first L
 positions are drawn with `decoding.sampling.sample_tokens` from the
@@ -61,15 +66,31 @@ from sglang.srt.dllm.algorithm.base import DllmAlgorithm
 from sglang.srt.dllm.config import DllmConfig
 
 from fast_dvlm_sglang.config import ARCHITECTURE
+from fast_dvlm_sglang.decoding.draft_policy import AcceptanceEstimate
 from fast_dvlm_sglang.decoding.sampling import SamplingParams, sample_tokens
 from fast_dvlm_sglang.decoding.spec import accept_longest_prefix
 
 from . import SPEC_ALGORITHM_NAME as ALGORITHM_NAME
 from .algorithm import require_fdfo
 from .attention_modes import algorithm_config, causal_pass, check_graph_runner
+from .draft_length import POLICY_KEYS, policy_from_config
 from .model import copy_to_device, inputs_prepared, prepare_block_embeds, set_extend_mrope_positions
 
 UNLIMITED = 1 << 30
+CONFIG_KEYS = frozenset({"block_size", "cuda_graph"}) | POLICY_KEYS
+
+
+def check_algorithm_config(algorithm_config: dict | None, block_size: int) -> None:
+    """Refuse a `--dllm-algorithm-config` with unknown keys or bad draft-length settings at startup."""
+    cfg = algorithm_config or {}
+    unknown = sorted(set(cfg) - CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"{ALGORITHM_NAME}: unknown --dllm-algorithm-config keys {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(CONFIG_KEYS))})")
+    try:
+        policy_from_config(cfg, block_size, "cpu")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{ALGORITHM_NAME}: --dllm-algorithm-config: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -83,6 +104,11 @@ class SpecState:
     top_k: int = 0  # 0: whole vocabulary
     sampling_seed: int | None = None
     generator: torch.Generator | None = field(default=None, compare=False, repr=False)
+    # The next round's width (verify tokens: the seed + its drafts), chosen by the scheduler
+    # (`draft_length.py`); 0: not chosen (a full block, capped by the budget).
+    width: int = 0
+    draft_length: int | None = None  # this request's own pin (`custom_params`), None: the server's policy
+    acceptance: AcceptanceEstimate = AcceptanceEstimate()  # of this request's drafts so far
     rounds: int = 0  # draft/verify rounds run so far
     # Forwards after the prompt's prefill, as the reference decoder counts them: 2 per round (1
     # with no room for a draft) plus any context pass re-encoding output (after a retraction).
@@ -92,11 +118,12 @@ class SpecState:
     def from_request(cls, sampling_params) -> SpecState:
         """SGLang's normalised sampling params: temperature 0 arrives as top_k == 1."""
         top_k = int(sampling_params.top_k)
+        pin = (sampling_params.custom_params or {}).get("draft_length")
         if top_k == 1 or sampling_params.temperature <= 0:
-            return cls(sampling_seed=sampling_params.sampling_seed)
+            return cls(sampling_seed=sampling_params.sampling_seed, draft_length=pin)
         return cls(temperature=float(sampling_params.temperature), top_p=float(sampling_params.top_p),
                    top_k=0 if top_k < 0 or top_k >= UNLIMITED else top_k,
-                   sampling_seed=sampling_params.sampling_seed)
+                   sampling_seed=sampling_params.sampling_seed, draft_length=pin)
 
     @property
     def greedy(self) -> bool:
@@ -116,15 +143,30 @@ class SpecState:
         return dataclasses.replace(self, generator=gen)
 
 
-def choose_tokens(logits: torch.Tensor, states: list[SpecState], lengths: list[int]) -> torch.Tensor:
-    """Tokens [bs, L] for logits [bs, L, V]: argmax, then for each sampling row a draw for its
-    first `lengths[i]` positions from its own generator (positions after stay argmax, unused)."""
+def choose_tokens(logits: torch.Tensor, states: list[SpecState], starts: list[int], lengths: list[int]) -> torch.Tensor:
+    """Tokens [T] for flat logits [T, V]: argmax, then for each sampling row a draw for its
+    `lengths[i]` positions from `starts[i]` on, from its own generator (others stay argmax)."""
     tokens = logits.argmax(dim=-1)
-    for i, state in enumerate(states):
+    for state, start, n in zip(states, starts, lengths):
         if not state.greedy:
-            n = lengths[i]
-            tokens[i, :n] = sample_tokens(logits[i, :n], state.params(logits.shape[-1]), state.generator)[0]
+            tokens[start:start + n] = sample_tokens(logits[start:start + n], state.params(logits.shape[-1]),
+                                                    state.generator)[0]
     return tokens
+
+
+def round_layout(slots: list[int], prefix_lens: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Host index tables of a round whose row i has `slots[i]` tokens from position
+    `prefix_lens[i]` (the seed's): row starts in the flat batch, the flat index of (row i, slot j)
+    for j < max(slots) (the row's last slot past its end), and every token's position."""
+    starts, row_index, positions = [], [], []
+    width = max(slots)
+    at = 0
+    for n, p in zip(slots, prefix_lens):
+        starts.append(at)
+        row_index.extend(at + min(j, n - 1) for j in range(width))
+        positions.extend(range(p, p + n))
+        at += n
+    return starts, row_index, positions
 
 
 # Why spec's two-capture CUDA graphs need the triton backend (`cuda_graph: true`). Both captures
@@ -153,6 +195,7 @@ class FastDVLMSpeculative(DllmAlgorithm):
         super().__init__(config)
         if self.block_size < 2:
             raise ValueError(f"{ALGORITHM_NAME} needs block_size >= 2, got {self.block_size}")
+        check_algorithm_config(config.algorithm_config, self.block_size)
 
     @classmethod
     def configure_server_args(cls, server_args) -> None:
@@ -201,6 +244,11 @@ class FastDVLMSpeculative(DllmAlgorithm):
             refused.append("custom logit processors")
         if refused:
             return f"{ALGORITHM_NAME} does not support {', '.join(refused)}"
+        custom = sp.custom_params if isinstance(sp.custom_params, dict) else {}
+        if "draft_length" in custom:
+            k, block = custom["draft_length"], req.dllm_config.block_size
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < block:
+                return f"custom_params.draft_length must be an integer in [0, {block - 1}], got {k!r}"
         if not isinstance(req.dllm_algo_state, SpecState):
             req.dllm_algo_state = SpecState.from_request(sp)
         return None
@@ -227,55 +275,66 @@ class FastDVLMSpeculative(DllmAlgorithm):
         # No state: a request SGLang is aborting (it still runs one tiny prefill); greedy is fine.
         states = [s if isinstance(s, SpecState) else SpecState() for s in (algo_states or [None] * bs)]
         states = [s.with_generator(logits.device) for s in states]
-        seeds = choose_tokens(logits[:, None], states, [1] * bs)[:, 0].tolist()  # the one host sync
+        seeds = choose_tokens(logits, states, list(range(bs)), [1] * bs).tolist()  # the one host sync
         states = [dataclasses.replace(s, seed=int(t), nfe=s.nfe + (s.rounds > 0)) for s, t in zip(states, seeds)]
         return out.logits_output, [], None, states, out.can_run_graph
 
     def _round(self, model_runner, forward_batch, states: list[SpecState]):
         check_graph_runner(model_runner)
-        bs, size = forward_batch.batch_size, self.block_size
-        ids = forward_batch.input_ids.view(bs, size)
-        # Verify tokens a row uses: the seed's successor and its draft's, up to the budget left
-        # after the seed (the reference decoder's `length`: same draws from the same generator).
-        lengths = [max(1, min(size, s.budget)) for s in states]
-        meta = copy_to_device(torch.tensor([[s.seed, n] for s, n in zip(states, lengths)], dtype=torch.long),
-                              ids.device)
+        bs = forward_batch.batch_size
+        # Each row holds [seed, w - 1 slots] (`draft_length.py` chose w; under CUDA graphs every
+        # row keeps the whole block and uses its first w). Verify tokens a row uses: its width,
+        # capped by the budget left after the seed (the reference decoder's `length`).
+        slots = [int(n) for n in forward_batch.extend_seq_lens_cpu]
+        lengths = [max(1, min(n, s.width or n, s.budget)) for s, n in zip(states, slots)]
+        starts, row_index, positions = round_layout(slots, [int(p) for p in forward_batch.extend_prefix_lens_cpu])
+        width = max(slots)
+        host = torch.tensor([s.seed for s in states] + lengths + row_index + positions, dtype=torch.long)
+        table = copy_to_device(host, forward_batch.input_ids.device)  # one copy for the round
+        seeds, draft_len = table[:bs], table[bs:2 * bs] - 1
+        rows = table[2 * bs:2 * bs + bs * width].view(bs, width)
+        # SGLang lays a dLLM block out at `block_size` positions per request; ours vary.
+        pos = table[2 * bs + bs * width:]
+        forward_batch.positions = pos.to(forward_batch.positions.dtype)
+        if forward_batch.mrope_positions is not None:
+            forward_batch.mrope_positions = pos.unsqueeze(0).repeat(3, 1).to(forward_batch.mrope_positions.dtype)
         set_extend_mrope_positions(forward_batch)  # once per round: both passes share positions
 
+        ids = forward_batch.input_ids
+        first = rows[:, 0]
+        is_start = torch.zeros_like(ids, dtype=torch.bool).index_fill_(0, first, True)
         with inputs_prepared():
-            # Draft: [seed, MASK...] block-bidirectional; d_j = argmax(logits[j-1]) (token shift).
-            # Skipped when no row has room for a draft token (each needs only its seed's successor).
-            ids[:, 0].copy_(meta[:, 0])
-            ids[:, 1:].fill_(self.mask_id)
-            drafted = max(lengths) > 1
-            if drafted:
+            # Draft: [seed, MASK...] block-bidirectionally; d_j = argmax(logits[j-1]) (token shift).
+            # Skipped when no row drafts (a batch of AR steps: each needs its seed's successor only).
+            ids.fill_(self.mask_id)
+            ids.index_copy_(0, first, seeds.to(ids.dtype))
+            if max(lengths) > 1:
                 prepare_block_embeds(model_runner, forward_batch)
                 out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
                 # The verify pass attends over the same slots and context: the attention metadata
                 # just planned serves it too (what SGLang's own dLLM loop does between steps).
                 forward_batch.mark_forward_metadata_ready(replan_equivalent=True)
-                draft = out.logits_output.full_logits.view(bs, size, -1)[:, :-1].argmax(dim=-1)
-                ids[:, 1:].copy_(draft)
-            else:
-                draft = ids[:, 1:].long()
+                shifted = out.logits_output.full_logits.argmax(dim=-1).to(ids.dtype)
+                ids[1:] = torch.where(is_start[1:], ids[1:], shifted[:-1])
 
-            # Verify: [seed, d_1..d_{B-1}] causal; writes the KV kept for the committed tokens.
+            # Verify: [seed, d_1..d_{w-1}] causal; writes the KV kept for the committed tokens.
             prepare_block_embeds(model_runner, forward_batch)
             with causal_pass():
                 out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
-        verify = choose_tokens(out.logits_output.full_logits.view(bs, size, -1), states, lengths)
+        verify = choose_tokens(out.logits_output.full_logits, states, starts, lengths)[rows]  # [bs, width]
+        draft = ids.long()[rows[:, 1:]]  # [bs, width - 1]: d_1..d_{width-1} (clamped past a row's end)
 
         # Accept d_1..d_k with k < lengths, then v_{k+1} is the next seed (committed too).
-        accepted = accept_longest_prefix(draft.to(verify.dtype), verify[:, :-1], meta[:, 1] - 1)
+        accepted = accept_longest_prefix(draft.to(verify.dtype), verify[:, :-1], draft_len)
         next_seed = verify.gather(1, accepted[:, None])
-        packed = torch.cat([accepted[:, None], next_seed, ids.long()], dim=1).tolist()  # the sync
+        packed = torch.cat([accepted[:, None], next_seed, draft], dim=1).tolist()  # the sync
 
         commits, states_out = [], []
         for state, row, length in zip(states, packed, lengths):
             k = int(row[0])
-            commits.append(row[3:3 + k] + row[1:2])  # d_1..d_k, the next seed
+            commits.append(row[2:2 + k] + row[1:2])  # d_1..d_k, the next seed
             # NFE as the reference counts it: the forwards this row needed (no draft at length 1).
-            states_out.append(dataclasses.replace(state, seed=int(row[1]), rounds=state.rounds + 1,
+            states_out.append(dataclasses.replace(state, seed=int(row[1]), rounds=state.rounds + 1, width=length,
                                                   nfe=state.nfe + 1 + (length > 1)))
         return out.logits_output, commits, [len(c) for c in commits], states_out, out.can_run_graph
 

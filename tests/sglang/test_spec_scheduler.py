@@ -92,8 +92,9 @@ class FakeRunner:
     decode_cuda_graph_runner.py `load_batch`: only when `needs_forward_metadata_init()`) and
     counts the plans (`metadata_inits`)."""
 
-    def __init__(self, wrong_every: int = 5):
+    def __init__(self, wrong_every: int = 5, hard_from: int | None = None):
         self.wrong_every = wrong_every
+        self.hard_from = hard_from  # every draft token at this position or later is wrong
         self.calls: list[tuple] = []
         self.metadata_inits = 0
 
@@ -106,25 +107,47 @@ class FakeRunner:
         # A causal DLLM_EXTEND forward (the verify pass), as the model itself decides.
         causal = fb.forward_mode.is_dllm_extend() and not runs_bidirectional(fb)
         ids, pos = fb.input_ids.clone().long(), fb.positions.long()
-        self.calls.append((fb.forward_mode.is_dllm_extend(), causal, tuple(fb.input_ids.shape), ids))
+        rows = getattr(fb, "extend_seq_lens", None)
+        rows = [ids.numel() // fb.batch_size] * fb.batch_size if rows is None else rows.tolist()
+        self.calls.append((fb.forward_mode.is_dllm_extend(), causal, tuple(fb.input_ids.shape), ids, rows))
         if not fb.forward_mode.is_dllm_extend():
             ends = torch.cumsum(fb.extend_seq_lens, 0) - 1
             logits = torch.nn.functional.one_hot(nxt(ids[ends], pos[ends]), V).float() * 10
             return SimpleNamespace(logits_output=SimpleNamespace(next_token_logits=logits), can_run_graph=False)
-        bs = fb.batch_size
-        ids, pos = ids.view(bs, -1), pos.view(bs, -1)
-        if causal:
-            tgt = nxt(ids, pos)
-        else:
-            tgt = torch.empty_like(ids)
-            prev = ids[:, 0]
-            for j in range(ids.shape[1]):
-                true = nxt(prev, pos[:, j])
-                wrong = (ids[:, 0] * 131 + pos[:, j] * 31) % self.wrong_every == 0
-                tgt[:, j] = torch.where(wrong, (true + 1) % (V - 1), true)
-                prev = true
-        logits = torch.nn.functional.one_hot(tgt, V).float().view(bs * ids.shape[1], V) * 10
+        # Rows of any widths (`extend_seq_lens`), at the positions the round laid out.
+        assert pos.numel() == ids.numel(), "positions not laid out for this round's rows"
+        starts = [0] + torch.tensor(rows).cumsum(0)[:-1].tolist()
+        assert pos.tolist() == [p for s, n in zip(pos[starts].tolist(), rows) for p in range(s, s + n)], \
+            "a row's positions are not consecutive"
+        tgt = torch.empty_like(ids)
+        at = 0
+        for n in rows:
+            row, rpos = ids[at:at + n], pos[at:at + n]
+            if causal:
+                tgt[at:at + n] = nxt(row, rpos)
+            else:
+                prev = row[0]
+                for j in range(n):
+                    true = nxt(prev, rpos[j])
+                    wrong = (row[0] * 131 + rpos[j] * 31) % self.wrong_every == 0
+                    if self.hard_from is not None:
+                        wrong = wrong | (rpos[j] >= self.hard_from)
+                    tgt[at + j] = torch.where(wrong, (true + 1) % (V - 1), true)
+                    prev = true
+            at += n
+        logits = torch.nn.functional.one_hot(tgt, V).float() * 10
         return SimpleNamespace(logits_output=SimpleNamespace(full_logits=logits), can_run_graph=False)
+
+
+class _StagingAdder:
+    """`PrefillAdder.add_dllm_staging_req` for a decode-phase request with room: its block is
+    whatever the request's fill ids hold past its prefix."""
+
+    def add_dllm_staging_req(self, req):
+        from sglang.srt.managers.schedule_policy import AddReqResult
+
+        req.extend_end = len(req.full_untruncated_fill_ids)
+        return AddReqResult.CONTINUE
 
 
 # ---- the harness -----------------------------------------------------------------------------------
@@ -142,7 +165,8 @@ class _Recorder:
 
 class Harness:
     def __init__(self, page_size: int, block_size: int = 8, context_chunk: int | None = None,
-                 wrong_every: int = 5, radix: bool = False):
+                 wrong_every: int = 5, radix: bool = False, algorithm_config: dict | None = None,
+                 hard_from: int | None = None):
         from sglang.srt.disaggregation.utils import DisaggregationMode
         from sglang.srt.dllm.config import DllmConfig
         from sglang.srt.dllm.mixin.scheduler import SchedulerDllmMixin
@@ -156,8 +180,12 @@ class Harness:
         from fast_dvlm_sglang.sglang_plugin.speculative import FastDVLMSpeculative
 
         self.page_size, self.block_size, self.context_chunk = page_size, block_size, context_chunk
-        self.dllm_config = DllmConfig("FastDVLMSpeculative", {}, block_size, MASK, 16, first_done_first_out_mode=True,
-                                      requires_separate_context_encoding=True)
+        # Default: whole blocks (`draft_length: block_size - 1`), what most tests below count on;
+        # {} is the server's default, the adaptive policy.
+        if algorithm_config is None:
+            algorithm_config = {"draft_length": block_size - 1}
+        self.dllm_config = DllmConfig("FastDVLMSpeculative", algorithm_config, block_size, MASK, 16,
+                                      first_done_first_out_mode=True, requires_separate_context_encoding=True)
         self.pool = ReqToTokenPool(size=16, max_context_len=256, device="cpu", enable_memory_saver=False)
         os.environ["SGLANG_DEBUG_MEMORY_POOL"] = "1"  # paged allocator: assert no duplicate pages
         try:
@@ -190,10 +218,11 @@ class Harness:
                 self.metrics_reporter = _Recorder()
                 self.output_streamer = _Recorder()
                 self.disaggregation_mode = DisaggregationMode.NULL
+                self.server_args = SimpleNamespace(device="cpu")
 
         self.sched = FakeScheduler()
         self.algo = FastDVLMSpeculative(self.dllm_config)
-        self.runner = FakeRunner(wrong_every)
+        self.runner = FakeRunner(wrong_every, hard_from)
         self.reqs: list = []  # live: in the dLLM manager's queues
         self.staging: list = []  # ran in the last batch
         self.done: list = []
@@ -251,9 +280,10 @@ class Harness:
             if prefill:  # PrefillAdder: the context (or one chunk of it)
                 remaining = req.dllm_block_offset - req.prefix_len
                 req.extend_end = req.prefix_len + min(remaining, self.context_chunk or remaining)
-            else:  # PrefillAdder.add_dllm_staging_req: one whole block
+            else:  # our width hook, then PrefillAdder.add_dllm_staging_req
                 assert len(req.full_untruncated_fill_ids) == req.prefix_len + self.block_size
-                req.extend_end = req.prefix_len + self.block_size
+        if not prefill:
+            assert self.sched.process_dllm_staging_reqs(_StagingAdder(), batch_reqs).name == "CONTINUE"
         batch = ScheduleBatch.init_new(batch_reqs, self.pool, self.alloc, self.tree, self.model_config, False,
                                        SpeculativeAlgorithm.NONE, dllm_config=self.dllm_config)
         batch.prepare_for_extend()
@@ -262,12 +292,14 @@ class Harness:
         batch.prefill_stats = None
         if prefill:
             positions = torch.cat([torch.arange(r.prefix_len, r.extend_end) for r in batch_reqs])
-        else:
+        else:  # what SGLang lays out for a dLLM batch (forward_batch_info.py): block_size per request
             positions = torch.cat([torch.arange(r.dllm_block_offset, r.dllm_block_offset + self.block_size)
                                    for r in batch_reqs])
         fb = FakeForwardBatch(input_ids=batch.prefill_input_ids_cpu.clone(), positions=positions, forward_mode=mode,
                               batch_size=len(batch_reqs), sampling_info=None, mrope_positions=None,
-                              extend_seq_lens=torch.tensor([r.extend_len for r in batch_reqs]))
+                              extend_seq_lens=torch.tensor([r.extend_len for r in batch_reqs]),
+                              extend_seq_lens_cpu=[r.extend_len for r in batch_reqs],
+                              extend_prefix_lens_cpu=[r.prefix_len for r in batch_reqs])
         free_before = self.alloc.available_size()
         _, next_ids, accept, states, graph = self.algo.run(self.runner, fb, [r.dllm_algo_state for r in batch_reqs])
         result = SimpleNamespace(copy_done=None, next_token_ids=next_ids, accept_length_per_req_cpu=accept,
@@ -352,6 +384,7 @@ def test_round_commits_prefix_and_releases_exact_slots(sgl, page_size):
         with_kv = before_len - 1  # everything but the seed
         prefix_slots = h.pool.req_to_token[req.kv.req_pool_idx, :with_kv].clone()
         available_before = h.alloc.available_size()
+        width = min(h.block_size, 40 - len(req.output_ids))  # a whole block, unless the budget ends first
         assert h.step() == "round"
         n = req.seqlen - before_len
         assert 1 <= n <= h.block_size
@@ -361,7 +394,7 @@ def test_round_commits_prefix_and_releases_exact_slots(sgl, page_size):
         assert torch.equal(h.pool.req_to_token[req.kv.req_pool_idx, :with_kv], prefix_slots)
         keep = req.seqlen - 1
         assert req.dllm_block_offset == req.extend_end == keep == req.kv.kv_allocated_len
-        block = h.pool.req_to_token[req.kv.req_pool_idx, with_kv:with_kv + h.block_size].long()
+        block = h.pool.req_to_token[req.kv.req_pool_idx, with_kv:with_kv + width].long()
         kept_pages = set((h.pool.req_to_token[req.kv.req_pool_idx, :keep].long() // page_size).tolist())
         block_pages = set((block // page_size).tolist())
         free_now = set(h.alloc.get_all_free_pages().tolist())
@@ -388,9 +421,12 @@ def test_round_forwards_are_static_draft_then_causal_verify(sgl):
     assert len(rounds) % 2 == 0
     for draft, verify in zip(rounds[::2], rounds[1::2]):
         assert not draft[1] and verify[1]
-        assert draft[2] == verify[2] and draft[2][0] % h.block_size == 0
-        d, v = draft[3].view(-1, h.block_size), verify[3].view(-1, h.block_size)
-        assert (d[:, 1:] == MASK).all() and torch.equal(d[:, 0], v[:, 0]) and not (v[:, 1:] == MASK).any()
+        assert draft[2] == verify[2] and draft[4] == verify[4] and sum(draft[4]) == draft[2][0]
+        starts = [0] + torch.tensor(draft[4]).cumsum(0)[:-1].tolist()
+        d, v = draft[3], verify[3]
+        is_start = torch.zeros_like(d, dtype=torch.bool)
+        is_start[starts] = True
+        assert (d[~is_start] == MASK).all() and torch.equal(d[is_start], v[is_start]) and not (v == MASK).any()
     for req in h.done:
         assert _ids(req) == oracle(list(req.origin_input_ids), req.sampling_params.max_new_tokens, set())
 
@@ -840,3 +876,94 @@ def test_mdm_graph_replay_has_the_block_embeddings(sgl):
         if all(d == size for d in done):
             break
     assert runner.replays >= 2 and all(d == size for d in done)
+
+
+# ---- draft lengths (`draft_length.py`) --------------------------------------------------------------
+def _rounds_of(req) -> list[tuple[int, int]]:
+    """(round, draft length) of each round a request ran, from its per-token metrics."""
+    info = req.customized_info
+    seen = {}
+    for r, k in zip(info["dllm_spec_round"], info["dllm_draft_length"]):
+        seen.setdefault(r, k)
+    return sorted(seen.items())[1:]  # round 0: the context pass
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+@pytest.mark.parametrize("k", [0, 1, 3, 4, 7])
+def test_pinned_draft_length(sgl, k, page_size):
+    """`draft_length: k`: every round is [seed, k placeholders] (fewer where the budget ends
+    first), rows share the forwards, k = 0 runs AR steps (one causal forward, no draft pass); the
+    output is the AR truth and the pool stays exact after every step (`check_invariants`)."""
+    h = Harness(page_size, algorithm_config={"draft_length": k})
+    specs = ((3, 30), (11, 7), (6, 19), (2, 1))
+    reqs = [h.add(list(range(1, plen + 1)), max_new_tokens=n) for plen, n in specs]
+    h.run()
+    for req, (plen, n) in zip(reqs, specs):
+        assert _ids(req) == oracle(list(range(1, plen + 1)), n, set())
+        info = req.customized_info
+        budget = n - 1  # after the seed of the context pass
+        for r, drafted in _rounds_of(req):
+            assert drafted == min(k, budget - 1), (req.rid, r)  # the width never passes the budget
+            budget -= info["dllm_spec_round"].count(r)
+        assert budget == 0 or req.finished_reason is not None
+        assert info["dllm_nfe"][-1] == sum(1 + (d > 0) for _, d in _rounds_of(req))
+    rounds = [c for c in h.runner.calls if c[0]]
+    if k == 0:
+        assert all(causal for _, causal, *_ in rounds), "an AR step runs no draft pass"
+    sizes = {c[2][0] for c in rounds}
+    assert max(sizes) <= len(specs) * (k + 1)
+    assert h.alloc.available_size() == h.initial_free
+
+
+def test_requests_pin_their_own_draft_length_in_one_batch(sgl):
+    """`custom_params.draft_length` per request: rows of widths 1, 4 and 8 in the same forwards."""
+    h = Harness(4, algorithm_config={})
+    reqs = [h.add([1, 2, 3], max_new_tokens=24, custom_params={"draft_length": k}) for k in (0, 3, 7)]
+    h.step()  # one context pass for the three
+    h.step()  # one round for the three
+    draft, verify = [c for c in h.runner.calls if c[0]][-2:]
+    assert not draft[1] and verify[1] and draft[2] == (1 + 4 + 8,)
+    h.run()
+    for req, k in zip(reqs, (0, 3, 7)):
+        assert _ids(req) == oracle([1, 2, 3], 24, set())
+        assert {d for _, d in _rounds_of(req)} <= set(range(k + 1)) and _rounds_of(req)[0][1] == k
+
+
+def test_adaptive_policy_drafts_where_drafts_land_and_steps_where_they_do_not(sgl):
+    """Two requests in every round: one whose drafts are always right drafts whole blocks, one
+    whose drafts are always wrong (positions past `hard_from`) falls back to AR steps after its
+    first probe; both outputs are the AR truth."""
+    h = Harness(1, algorithm_config={}, wrong_every=10_000, hard_from=100)
+    easy = h.add([1, 2, 3], max_new_tokens=60)
+    hard = h.add(list(range(1, 120)), max_new_tokens=60)
+    h.run()
+    assert _ids(easy) == oracle([1, 2, 3], 60, set())
+    assert _ids(hard) == oracle(list(range(1, 120)), 60, set())
+    easy_k = [d for _, d in _rounds_of(easy)]
+    hard_k = [d for _, d in _rounds_of(hard)]
+    # both new: probed at the narrowest trained width (4) in one draft pass; then the easy one
+    # drafts whole blocks until the budget's last few tokens (where a draft pass no longer pays)
+    assert easy_k[0] == hard_k[0] == 3
+    assert easy_k[1:7] == [h.block_size - 1] * 6 and len(easy_k) <= 7 + 3
+    # the hard one rides along with the narrowest draft while the batch drafts anyway (a few
+    # tokens more in forwards that run regardless), and runs AR steps once alone
+    assert set(hard_k[1:len(easy_k)]) <= {0, 3}
+    assert hard_k[len(easy_k):] == [0] * (len(hard_k) - len(easy_k))
+    # rows of different widths shared the forwards
+    assert any(c[2][0] not in (2, 2 * h.block_size) for c in h.runner.calls if c[0])
+
+
+def test_bad_draft_length_settings_are_refused(sgl):
+    from fast_dvlm_sglang.sglang_plugin.speculative import FastDVLMSpeculative, check_algorithm_config
+
+    for cfg, match in (({"draft_length": 8}, r"\[0, 7\]"), ({"draft_length": True}, "draft_length"),
+                       ({"draft_lenght": 3}, "unknown"), ({"draft_widths": [0, 4]}, "draft_widths"),
+                       ({"forward_cost": {"base": -1, "per_token": 0}}, "base")):
+        with pytest.raises(ValueError, match=match):
+            check_algorithm_config(cfg, 8)
+    h = Harness(1, algorithm_config={})
+    for k in (8, -1, "3", 2.5):
+        req = h.add([1, 2], max_new_tokens=4)
+        req.sampling_params.custom_params = {"draft_length": k}
+        req.dllm_algo_state = None
+        assert "draft_length" in FastDVLMSpeculative.validate_request(req)

@@ -80,7 +80,7 @@ class Reference:
 
         return render_chat(self.proc, messages, add_generation_prompt=True)
 
-    def run(self, messages, max_new_tokens: int, algorithm: str = "ar", **sampling):
+    def run(self, messages, max_new_tokens: int, algorithm: str = "ar", draft_policy=None, **sampling):
         from fast_dvlm_sglang.decoding import GenerationConfig, Prompt, SamplingParams
         from fast_dvlm_sglang.decoding import generate as ref_generate
         from fast_dvlm_sglang.processing import encode_chat
@@ -88,7 +88,7 @@ class Reference:
         enc = encode_chat(self.proc, messages)
         return ref_generate(self.model, Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw),
                             GenerationConfig(algorithm=algorithm, max_new_tokens=max_new_tokens,
-                                             sampling=SamplingParams(**sampling)))
+                                             sampling=SamplingParams(**sampling), draft_policy=draft_policy))
 
     def ar(self, messages, max_new_tokens: int) -> list[int]:
         return self.run(messages, max_new_tokens).token_ids
@@ -100,13 +100,20 @@ def tiny_ref(tiny_checkpoints):
 
 
 def _check_metrics(meta: dict, n_tokens: int, block_size: int = 32) -> tuple[int, int]:
-    """The per-token round / NFE channels are consistent; returns (tokens, NFE)."""
-    rounds, nfe = meta["dllm_spec_round"], meta["dllm_nfe"]
-    assert len(rounds) == len(nfe) == n_tokens == meta["completion_tokens"]
+    """The per-token round / NFE / draft-length channels are consistent; returns (tokens, NFE)."""
+    rounds, nfe, drafted = meta["dllm_spec_round"], meta["dllm_nfe"], meta["dllm_draft_length"]
+    assert len(rounds) == len(nfe) == len(drafted) == n_tokens == meta["completion_tokens"]
     assert rounds == sorted(rounds) and rounds[0] == 0  # the first token: the context pass's, streamed at once
-    # two forwards a round after the prefill; a last round with no room for a draft has one
-    assert all(f == 2 * r or (r == rounds[-1] and f == 2 * r - 1) for r, f in zip(rounds, nfe))
-    assert max(rounds.count(r) for r in set(rounds)) <= block_size + 1  # + the final token
+    assert nfe[0] == 0 and drafted[0] == 0
+    # a round is two forwards (draft + verify), one for an AR step (draft length 0); it commits
+    # at most its draft length + 1 tokens
+    last = (0, 0)
+    for r, f, k in zip(rounds, nfe, drafted):
+        if r != last[0]:
+            assert r == last[0] + 1 and f == last[1] + 1 + (k > 0) and 0 <= k < block_size
+            last = (r, f)
+            assert rounds.count(r) <= k + 1
+        assert (f, k) == (last[1], drafted[rounds.index(r)])
     return n_tokens, nfe[-1]
 
 
@@ -178,8 +185,9 @@ def test_native_stream_reports_nfe(spec_server_tiny, tiny_ref):
 def test_stop_token_inside_accepted_run(spec_server_tiny, tiny_ref):
     """A stop token that the round commits as an accepted draft (not the round's first token)
     ends the answer right there: output = AR answer up to and including the stop token."""
+    full = {"custom_params": {"draft_length": 31}}  # whole blocks: the random tiny model drafts badly
     for msgs, url, _ in _tiny_prompts():
-        body = generate(spec_server_tiny, tiny_ref.text(msgs), image=url, max_new_tokens=64)
+        body = generate(spec_server_tiny, tiny_ref.text(msgs), image=url, max_new_tokens=64, **full)
         ids, rounds = body["output_ids"], body["meta_info"]["dllm_spec_round"]
         # an accepted draft: same round as the token before it, and the first time it appears
         cands = [j for j in range(1, len(ids)) if rounds[j] == rounds[j - 1] and ids[j] not in ids[:j]]
@@ -189,7 +197,7 @@ def test_stop_token_inside_accepted_run(spec_server_tiny, tiny_ref):
         pytest.fail("the random tiny model accepted no draft token on these prompts: pick other prompts")
     j = cands[0]
     stopped = generate(spec_server_tiny, tiny_ref.text(msgs), image=url, max_new_tokens=64,
-                       stop_token_ids=[ids[j]])
+                       stop_token_ids=[ids[j]], **full)
     assert stopped["output_ids"] == ids[: j + 1]
     assert stopped["meta_info"]["finish_reason"]["type"] == "stop"
     assert stopped["meta_info"]["completion_tokens"] == j + 1
@@ -234,6 +242,7 @@ def test_prometheus_counters_add_up_to_the_responses(spec_server_tiny, tiny_ref)
     assert delta[:3] == [tokens, nfe, rounds]
     # each emitted token is a round's seed, an accepted draft or a request's final token
     assert tokens - rounds - 6 <= delta[3] <= 31 * rounds and delta[4] == rounds
+    assert prometheus_value(spec_server_tiny, "fast_dvlm:spec_draft_length_count") >= rounds
 
 
 @pytest.mark.parametrize("extra", [{"logprobs": True}, {"frequency_penalty": 0.5},
@@ -261,25 +270,71 @@ def demo_spec(tmp_path_factory):
         server.stop()
 
 
+def _server_policy():
+    """The policy the demo server runs (its default `--dllm-algorithm-config`: none)."""
+    from fast_dvlm_sglang.sglang_plugin.draft_length import policy_from_config
+
+    return policy_from_config({}, 32, "cpu")
+
+
 def test_demo_greedy_equals_ar_for_16_concurrent_requests(demo_spec):
+    """The adaptive policy at batch 16: greedy answers equal AR (up to a near tie) and the
+    trained draft is accepted (far fewer forwards than AR)."""
     server, ref = demo_spec
     convs = _demo_prompts()
     stats = _concurrent_equals_ar(server, ref, convs)
     print(f"\ndemo spec: {json.dumps(stats)}")
-    # Batched rounds accept what the reference decoder accepts alone: same forwards per request
-    # (not comparable for a request that parted from AR at a near tie).
-    want = [ref.run(msgs, n, "spec").nfe for msgs, _, n in convs]
-    assert [f for i, f in enumerate(stats["nfe"]) if i not in stats["tied"]] == [
-        f for i, f in enumerate(want) if i not in stats["tied"]]
-    assert stats["tokens_per_nfe"] > 2.0  # the trained draft is accepted: far fewer forwards than AR
+    assert stats["tokens_per_nfe"] > 2.0
+
+
+@pytest.mark.parametrize("k", [0, 1, 4, 8, 16, 31])
+def test_demo_pinned_draft_length_is_the_reference_decoder(demo_spec, k):
+    """`custom_params.draft_length: k`, 8 requests at once: greedy answers equal AR (up to a
+    near tie), and every request runs the reference decoder's rounds of width k + 1 (same
+    forwards); k = 0 is an AR step per token."""
+    from fast_dvlm_sglang.decoding.draft_policy import DEFAULT_COSTS, DraftPolicy
+
+    server, ref = demo_spec
+    convs = _demo_prompts()[:8]
+    policy = DraftPolicy(block_size=32, cost=DEFAULT_COSTS["cpu"], fixed_width=k + 1)
+    pin = {"custom_params": {"draft_length": k}}
+    with cf.ThreadPoolExecutor(len(convs)) as pool:
+        bodies = list(pool.map(lambda c: generate(server, ref.text(c[0]), image=c[1], max_new_tokens=c[2], **pin),
+                               convs))
+    for i, (body, (msgs, _url, n)) in enumerate(zip(bodies, convs)):
+        want = ref.ar(msgs, n)
+        if not ref.tie_check.check(msgs, want, body["output_ids"], f"k={k} request {i}"):
+            continue  # parted at a near tie: forwards not comparable
+        _check_metrics(body["meta_info"], len(body["output_ids"]))
+        assert set(body["meta_info"]["dllm_draft_length"][1:]) <= set(range(k + 1))
+        assert body["meta_info"]["dllm_nfe"][-1] == ref.run(msgs, n, "spec", draft_policy=policy).nfe, (k, i)
+        if k == 0:
+            assert body["meta_info"]["dllm_nfe"][-1] == len(body["output_ids"]) - 1
 
 
 def test_sampling_equals_the_reference_decoder_with_the_same_seed(demo_spec):
-    """Seeded sampling is the reference speculative decoder's: same draws, same tokens."""
+    """Seeded sampling is the reference speculative decoder's running the server's policy, one
+    request at a time (the policy then sees the same single row): same widths, same draws."""
     server, ref = demo_spec
     for (msgs, url, n), seed in zip(_demo_prompts()[:6], range(6)):
-        want = ref.run(msgs, n, "spec", temperature=0.8, top_p=0.9, seed=seed)
+        want = ref.run(msgs, n, "spec", draft_policy=_server_policy(), temperature=0.8, top_p=0.9, seed=seed)
         got = generate(server, ref.text(msgs), image=url, max_new_tokens=n, temperature=0.8, top_p=0.9,
                        sampling_seed=seed)
         assert got["output_ids"] == want.token_ids, (seed, n)
         assert got["meta_info"]["dllm_nfe"][-1] == want.nfe
+
+
+@pytest.mark.parametrize("k", [0, 4, 31])
+def test_sampling_with_a_pinned_draft_length_is_the_reference_decoder(demo_spec, k):
+    from fast_dvlm_sglang.decoding.draft_policy import DEFAULT_COSTS, DraftPolicy
+
+    server, ref = demo_spec
+    policy = DraftPolicy(block_size=32, cost=DEFAULT_COSTS["cpu"], fixed_width=k + 1)
+    convs = _demo_prompts()[:4]
+    with cf.ThreadPoolExecutor(len(convs)) as pool:  # batched: a pin makes the rounds batch-independent
+        got = list(pool.map(lambda c: generate(server, ref.text(c[1][0]), image=c[1][1], max_new_tokens=c[1][2],
+                                               temperature=0.8, top_p=0.9, sampling_seed=c[0],
+                                               custom_params={"draft_length": k}), enumerate(convs)))
+    for seed, ((msgs, _url, n), body) in enumerate(zip(convs, got)):
+        want = ref.run(msgs, n, "spec", draft_policy=policy, temperature=0.8, top_p=0.9, seed=seed)
+        assert body["output_ids"] == want.token_ids, (k, seed)

@@ -1,0 +1,242 @@
+"""How many tokens a speculative round drafts: per request, from its acceptance and a cost model.
+
+A round of width w runs the block [seed, MASK x (w-1)] through a draft forward and
+[seed, d_1..d_{w-1}] through a verify forward, and commits the accepted drafts plus one verify
+token. Width 1 drafts nothing: the round is one causal forward over the seed, exactly an AR step.
+Whatever the width, the verify pass decides what is emitted, so the width only changes speed,
+never the output (greedy) or its distribution (sampling).
+
+Acceptance model (`AcceptanceEstimate`, one per request): a draft token is accepted only if all
+before it were, so each drafted position is a trial that succeeds with probability p until the
+first failure; a round of width w then commits E(p, w) = 1 + p + ... + p^(w-1) tokens on average.
+p is estimated from the request's own rounds (successes / trials), discounted so recent rounds
+count most, with a prior for a request that has no history. AR steps measure nothing, so a request is
+*due* for a probe while it has no evidence (a new request) or after `probe_interval` AR steps in
+a row; a probe drafts the narrowest trained width (4). Due requests ride along in any drafting
+round (the draft forward is paid anyway: a few tokens more). In a batch of AR steps, a probe
+costs a draft forward the batch would not have run, so it runs only once half the batch is due
+(at batch 1: at once), every due request in that one draft pass; at the default interval of 64
+that bounds the probes' share of the time on unpredictable text to a few percent.
+
+Cost model (`ForwardCost`): seconds of one forward over T tokens in total, R rows and A attended
+(query, key) pairs (sum over rows of width x context): base + per_row R + per_token T + per_pair A.
+A round costs one forward if no row drafts (all width 1) and two (draft + verify) otherwise, the
+rows of width 1 riding along in both.
+
+`choose_widths` picks one width per request from `widths` (the block sizes Fast-dVLM was trained
+with, capped by each request's budget and the block size) to maximise the batch's expected
+tokens per second: E_total / round_cost. Coordinate ascent from "all AR": each row in turn takes
+the width that maximises the objective given the others; two sweeps (the objective is a ratio of
+sums, each sweep O(rows x widths)). Pure functions of host numbers: the same inputs give the same
+widths on every tensor-parallel rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+TRAINED_WIDTHS = (4, 8, 16, 32)  # block-size annealing of the training recipe
+
+
+@dataclass(frozen=True)
+class ForwardCost:
+    """Seconds per forward: base + per_row * rows + per_token * tokens + per_pair * attended pairs."""
+
+    base: float
+    per_token: float
+    per_row: float = 0.0
+    per_pair: float = 0.0
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("base", "per_token", "per_row", "per_pair"):
+            value = getattr(self, name)
+            if not value >= 0.0:
+                raise ValueError(f"forward cost {name} must be >= 0, got {value}")
+        if self.base + self.per_token <= 0.0:
+            raise ValueError("forward cost base + per_token must be > 0")
+
+    def seconds(self, tokens: int, rows: int, pairs: float) -> float:
+        return self.base + self.per_row * rows + self.per_token * tokens + self.per_pair * pairs
+
+    @classmethod
+    def load(cls, spec) -> ForwardCost:
+        """From a mapping ({base, per_token, per_row?, per_pair?}) or a JSON file holding one
+        (at top level or under "fit", as `benchmarks/bench_forward_cost.py` writes it)."""
+        source = ""
+        if isinstance(spec, (str, Path)):
+            source = str(spec)
+            try:
+                spec = json.loads(Path(spec).read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot read forward cost table {source}: {e}") from None
+            spec = spec.get("fit", spec) if isinstance(spec, dict) else spec
+        if not isinstance(spec, dict):
+            raise ValueError(f"forward_cost must be a mapping or a JSON file path, got {type(spec).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"source"}
+        unknown = set(spec) - fields - {"source", "unit", "device", "model", "residual"}
+        if unknown:
+            raise ValueError(f"unknown forward_cost keys: {', '.join(sorted(unknown))}")
+        try:
+            values = {k: float(spec[k]) for k in fields if k in spec}
+        except (TypeError, ValueError):
+            raise ValueError("forward_cost values must be numbers") from None
+        return cls(**values, source=source or str(spec.get("source", "inline")))
+
+
+# Defaults when `forward_cost` is not configured (document any change in the README):
+# - cpu: fitted from SGLang's own serving path on the 2-core CI machine with the demo model
+#   (benchmarks/results/forward_cost_cpu_demo.json, benchmarks/bench_forward_cost.py: the fit of
+#   its rows at ~1k-token contexts, the regime of SGLang's shared-prefix benchmark; the fit over
+#   all rows puts the width cost in per_pair instead and drafts more at short contexts);
+# - cuda: no GPU measurement yet; a memory-bound forward (the weights are read once whatever the
+#   token count: a 32-token block costs about one AR step at batch 1, the paper's premise), with
+#   compute per token of a 3B model on a Hopper GPU. Measure and pass `forward_cost` on a GPU.
+DEFAULT_COSTS = {
+    "cpu": ForwardCost(base=0.0102, per_token=6.7e-5, per_row=0.0050, per_pair=0.0,
+                       source="default cpu (benchmarks/results/forward_cost_cpu_demo.json, ~1k-token contexts)"),
+    "cuda": ForwardCost(base=0.0060, per_token=0.000015, per_row=0.00002, per_pair=2.0e-9,
+                        source="default cuda (memory-bound assumption, not measured)"),
+}
+
+
+@dataclass(frozen=True)
+class AcceptanceEstimate:
+    """Discounted successes / trials of one request's drafted positions (see module docstring)."""
+
+    successes: float = 0.0
+    trials: float = 0.0
+    ar_streak: int = 0  # rounds since the request last drafted
+
+    def p(self, prior_p: float, prior_weight: float) -> float:
+        return (self.successes + prior_p * prior_weight) / (self.trials + prior_weight)
+
+    def update(self, drafted: int, accepted: int, decay: float) -> AcceptanceEstimate:
+        """After a round that drafted `drafted` tokens and accepted `accepted` of them."""
+        if drafted <= 0:
+            return dataclasses.replace(self, ar_streak=self.ar_streak + 1)
+        trials = accepted + (accepted < drafted)
+        return AcceptanceEstimate(self.successes * decay + accepted, self.trials * decay + trials, 0)
+
+
+@dataclass(frozen=True)
+class DraftPolicy:
+    """Configuration of the adaptive draft length (`--dllm-algorithm-config` keys, README)."""
+
+    block_size: int
+    cost: ForwardCost
+    fixed_width: int | None = None  # `draft_length: k` pins width k + 1 (0: AR steps only)
+    widths: tuple[int, ...] = (1,) + TRAINED_WIDTHS
+    prior_p: float = 0.5  # below the break-even of a lone draft: new requests are explored by probes
+    prior_weight: float = 2.0
+    decay: float = 0.7
+    probe_interval: int = 64
+
+    def __post_init__(self) -> None:
+        if self.fixed_width is not None and not 1 <= self.fixed_width <= self.block_size:
+            raise ValueError(f"draft_length must be in [0, {self.block_size - 1}], got {self.fixed_width - 1}")
+        if not 0.0 <= self.prior_p < 1.0 or self.prior_weight <= 0.0:
+            raise ValueError("prior_p must be in [0, 1) and prior_weight > 0")
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {self.decay}")
+        if self.probe_interval < 1:
+            raise ValueError(f"probe_interval must be >= 1, got {self.probe_interval}")
+        widths = tuple(sorted({w for w in self.widths if 1 <= w <= self.block_size} | {1}))
+        object.__setattr__(self, "widths", widths)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.fixed_width is None
+
+    def acceptance(self, estimate: AcceptanceEstimate) -> float:
+        return estimate.p(self.prior_p, self.prior_weight)
+
+    def update(self, estimate: AcceptanceEstimate, drafted: int, accepted: int) -> AcceptanceEstimate:
+        return estimate.update(drafted, accepted, self.decay)
+
+    def choose(self, estimates: list[AcceptanceEstimate], contexts: list[int], budgets: list[int],
+               pinned: list[int | None] | None = None) -> list[int]:
+        """One width per request (see `choose_widths`); `budgets`: tokens each may still emit;
+        `pinned`: a request's own draft length (None: the policy's)."""
+        caps = [max(1, min(self.block_size, b)) for b in budgets]
+        pinned = pinned or [None] * len(caps)
+        fixed = [self.fixed_width if k is None else k + 1 for k in pinned]
+        if self.fixed_width is not None and all(k is None for k in pinned):
+            return [min(self.fixed_width, c) for c in caps]
+        # A budget shorter than a trained width still drafts up to its end (as a whole block would).
+        allowed = [[min(f, c)] if f is not None else sorted({w for w in self.widths if w <= c} | {c})
+                   for f, c in zip(fixed, caps)]
+        chosen = choose_widths([self.acceptance(e) for e in estimates], contexts, allowed, self.cost)
+        due = [f is None and (e.trials == 0 or e.ar_streak >= self.probe_interval) for e, f in zip(estimates, fixed)]
+        drafting = any(w > 1 for w in chosen)
+        if any(due) and (drafting or 2 * sum(due) >= len(due)):
+            probe = self.widths[1] if len(self.widths) > 1 else 1
+            chosen = [max(w, min(probe, c)) if d else w for w, d, c in zip(chosen, due, caps)]
+        return chosen
+
+
+def expected_tokens(p: float, width: int) -> float:
+    """Mean tokens a round of `width` commits when each draft token survives with probability p."""
+    if p >= 1.0:
+        return float(width)
+    return (1.0 - p ** width) / (1.0 - p)
+
+
+def round_seconds(cost: ForwardCost, widths: list[int], contexts: list[int]) -> float:
+    tokens = sum(widths)
+    pairs = sum(w * (c + w) for w, c in zip(widths, contexts))
+    forwards = 2 if any(w > 1 for w in widths) else 1
+    return forwards * cost.seconds(tokens, len(widths), pairs)
+
+
+def choose_widths(p: list[float], contexts: list[int], allowed: list[list[int]], cost: ForwardCost) -> list[int]:
+    """Widths maximising sum_i E(p_i, w_i) / round_seconds(w), each w_i in `allowed[i]`.
+
+    Two candidates: every row an AR step (one forward; only if every row allows width 1), or a
+    drafting round (two forwards), whose widths come from coordinate ascent started at every
+    row's widest width (a row may still take width 1 and ride along). Starting the drafting
+    round from all-AR would never leave it at a large batch: the first row to draft alone pays
+    the whole second forward.
+    """
+    n = len(p)
+    if n == 0:
+        return []
+    gain = [{w: expected_tokens(p[i], w) for w in allowed[i]} for i in range(n)]
+    fixed = cost.base + cost.per_row * n
+
+    def seconds(t, a):
+        return fixed + cost.per_token * t + cost.per_pair * a
+
+    chosen = [max(a) for a in allowed]
+    total_e = sum(gain[i][w] for i, w in enumerate(chosen))
+    tokens = sum(chosen)
+    pairs = float(sum(w * (c + w) for w, c in zip(chosen, contexts)))
+    best = total_e / ((2 if tokens > n else 1) * seconds(tokens, pairs))
+    order = sorted(range(n), key=lambda i: p[i])  # the least promising rows shrink first
+    for _ in range(2):
+        changed = False
+        for i in order:
+            w0 = chosen[i]
+            base_e, base_t = total_e - gain[i][w0], tokens - w0
+            base_a = pairs - w0 * (contexts[i] + w0)
+            pick, pick_val = w0, best
+            for w in allowed[i]:
+                if w != w0:
+                    t = base_t + w
+                    val = (base_e + gain[i][w]) / ((2 if t > n else 1) * seconds(t, base_a + w * (contexts[i] + w)))
+                    if val > pick_val * (1 + 1e-9):
+                        pick, pick_val = w, val
+            if pick != w0:
+                total_e, tokens = base_e + gain[i][pick], base_t + pick
+                pairs = base_a + pick * (contexts[i] + pick)
+                chosen[i], best, changed = pick, pick_val, True
+        if not changed:
+            break
+    if all(1 in a for a in allowed):
+        ar_value = n / seconds(n, float(sum(c + 1 for c in contexts)))
+        if ar_value >= best:
+            return [1] * n
+    return chosen

@@ -1,0 +1,84 @@
+"""Extend attention of our model on SGLang's `torch_native` backend (the CPU path), in O(new x context).
+
+SGLang 0.5.23's `TorchNativeAttnBackend._run_sdpa_forward_extend` runs, per request, a square
+attention over the whole sequence: a "redundant" query of `seq_len` rows (prefix rows left
+uninitialised) against all `seq_len` keys, and keeps the last `extend_len` rows. An extend of n
+new tokens over a context of L therefore costs O(L^2) instead of O(n L). A prefill does not care
+(n ~ L), but every speculative round and every chunk of a chunked prefill is an extend of a few
+tokens over a long context: on the CPU a one-token round over a 1k-token context cost ~4x an AR
+decode step (measured with `benchmarks/bench_forward_cost.py`), which no draft length can win
+back.
+
+`forward_extend` (an AROUND hook on `TorchNativeAttnBackend.forward_extend`, listed in
+`hooks.HOOK_TARGETS`) computes the same attention with the n real queries only: causal layers
+mask key j for query t unless j <= prefix + t (the offset causal mask), the bidirectional view
+(`model.mode_selected`, a dLLM draft block) attends to every key of its sequence. Same keys,
+same values, same softmax; only which rows are computed changes. It applies to our model's
+layers only (every other model, cross-attention and sliding windows reach SGLang's code
+unchanged), and writes the KV cache as SGLang does before attending.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention
+
+
+def _ours(layer) -> bool:
+    from .model import _BidirectionalView, is_mode_selected
+
+    return is_mode_selected(layer) or isinstance(layer, _BidirectionalView)
+
+
+def extend_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens: list[int],
+                     extend_lens: list[int], *, scaling, enable_gqa: bool, causal: bool) -> torch.Tensor:
+    """Attention of the new tokens of each request over its cached prefix and themselves.
+
+    q: [tokens, heads, dim] (requests back to back); returns [tokens, heads, v_dim]."""
+    out = q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))
+    start = 0
+    for i, (prefix, n) in enumerate(zip(prefix_lens, extend_lens)):
+        if n == 0:
+            continue
+        total = prefix + n
+        slots = req_to_token[req_pool_indices[i], :total]
+        query = q[start:start + n].movedim(0, 1).unsqueeze(0)  # [1, heads, n, dim]
+        key = k_cache[slots].movedim(0, 1).unsqueeze(0)
+        value = v_cache[slots].movedim(0, 1).unsqueeze(0)
+        if key.dtype != query.dtype:
+            key, value = key.to(query.dtype), value.to(query.dtype)
+        mask = None
+        if causal and n > 1:
+            # query t (position prefix + t) sees keys 0 .. prefix + t
+            mask = (torch.arange(total, device=q.device)[None, :]
+                    <= prefix + torch.arange(n, device=q.device)[:, None])
+        attn = scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=enable_gqa)
+        out[start:start + n] = attn.squeeze(0).movedim(1, 0)
+        start += n
+    return out
+
+
+def forward_extend(original, self, q, k, v, layer, forward_batch, save_kv_cache=True):
+    sliding = getattr(layer, "sliding_window_size", None)
+    if (not _ours(layer) or layer.is_cross_attention or (sliding is not None and sliding > -1)
+            or forward_batch.extend_seq_lens_cpu is None or layer.qk_head_dim != layer.v_head_dim):
+        return original(self, q, k, v, layer, forward_batch, save_kv_cache)
+    from sglang.srt.layers.radix_attention import AttentionType
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    if save_kv_cache and k is not None and v is not None:
+        self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc),
+                                            k, v)
+    out = extend_attention(
+        q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
+        self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+        self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+        self.req_to_token_pool.req_to_token,
+        forward_batch.req_pool_indices,
+        [int(p) for p in forward_batch.extend_prefix_lens_cpu],
+        [int(n) for n in forward_batch.extend_seq_lens_cpu],
+        scaling=layer.scaling,
+        enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
+        causal=layer.attn_type != AttentionType.ENCODER_ONLY,
+    )
+    return out.view(q.shape[0], -1)

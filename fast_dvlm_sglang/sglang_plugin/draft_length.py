@@ -1,0 +1,127 @@
+"""How wide each speculative round is, per request: the scheduler side of `decoding.draft_policy`.
+
+SGLang's dLLM scheduler gives every request of a `DLLM_EXTEND` batch `block_size` slots
+(`Req._init_fill_ids_for_dllm`). Before the staging adder sizes the batch
+(`SchedulerDllmMixin.process_dllm_staging_reqs`, an AROUND hook listed in `hooks.HOOK_TARGETS`),
+this module chooses a width w for every `FastDVLMSpeculative` request about to run a round, over
+the whole candidate batch at once (`DraftPolicy.choose`), and cuts the request's block to
+[seed, w - 1 placeholders]: the adder then allocates w KV slots for it (`len(fill) - prefix_len`)
+and the round drafts w - 1 tokens. Width 1 is an AR step (the seed alone, causal, no draft
+pass). Rows of different widths share one forward (SGLang's extend metadata is per-row
+variable length; `speculative.py` lays the positions out), so at high concurrency requests that
+draft badly fall back to AR steps while the others keep drafting.
+
+Configuration (`--dllm-algorithm-config` YAML, validated at startup by `policy_from_config`):
+- `draft_length: N` pins every round to N draft tokens (width N + 1; 0 = AR steps only);
+  without it the adaptive policy runs (a request can pin its own: `/generate` sampling params
+  `custom_params: {draft_length: N}`);
+- `forward_cost`: the cost model, a mapping {base, per_token, per_row, per_pair} (seconds) or
+  the path of a JSON table written by `benchmarks/bench_forward_cost.py`; default: the table of
+  the serving device type (`draft_policy.DEFAULT_COSTS`);
+- `draft_widths`: the widths the adaptive policy picks from (default 4, 8, 16, 32, the training
+  recipe's block sizes, plus 1);
+- `prior_acceptance`, `probe_interval`: the acceptance prior of a new request and how many AR
+  steps in a row before a request is probed again.
+With `cuda_graph: true` every row keeps the full block (SGLang's dLLM decode graphs are captured
+for `block_size` slots per request): the policy then only decides, per round, whether the batch
+drafts at all (a round of AR steps skips the draft pass).
+"""
+
+from __future__ import annotations
+
+import json
+
+from fast_dvlm_sglang.decoding.draft_policy import DEFAULT_COSTS, DraftPolicy, ForwardCost
+
+POLICY_KEYS = frozenset({"draft_length", "forward_cost", "draft_widths", "prior_acceptance", "probe_interval"})
+_POLICIES: dict[str, DraftPolicy] = {}  # configuration only (frozen), keyed by its inputs
+
+
+def policy_from_config(algorithm_config: dict, block_size: int, device: str) -> DraftPolicy:
+    """The `DraftPolicy` of a `--dllm-algorithm-config` mapping (cached; errors name the key)."""
+    key = json.dumps([algorithm_config, block_size, device], sort_keys=True, default=str)
+    policy = _POLICIES.get(key)
+    if policy is not None:
+        return policy
+    cfg = algorithm_config or {}
+    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    cost = ForwardCost.load(cfg["forward_cost"]) if cfg.get("forward_cost") is not None else DEFAULT_COSTS[device_type]
+    kwargs = {}
+    draft_length = cfg.get("draft_length")
+    if draft_length is not None:
+        if isinstance(draft_length, bool) or not isinstance(draft_length, int) or not 0 <= draft_length < block_size:
+            raise ValueError(f"draft_length must be an integer in [0, {block_size - 1}] (the block size is "
+                             f"{block_size}), got {draft_length!r}")
+        kwargs["fixed_width"] = draft_length + 1
+    if cfg.get("draft_widths") is not None:
+        widths = cfg["draft_widths"]
+        if not isinstance(widths, list) or not widths or not all(isinstance(w, int) and 1 <= w <= block_size
+                                                                  for w in widths):
+            raise ValueError(f"draft_widths must be a list of integers in [1, {block_size}], got {widths!r}")
+        kwargs["widths"] = tuple(widths)
+    if cfg.get("prior_acceptance") is not None:
+        kwargs["prior_p"] = float(cfg["prior_acceptance"])
+    if cfg.get("probe_interval") is not None:
+        kwargs["probe_interval"] = int(cfg["probe_interval"])
+    policy = DraftPolicy(block_size=block_size, cost=cost, **kwargs)
+    _POLICIES[key] = policy
+    return policy
+
+
+def scheduler_policy(scheduler) -> DraftPolicy:
+    cfg = scheduler.dllm_config
+    return policy_from_config(cfg.algorithm_config, cfg.block_size, scheduler.server_args.device)
+
+
+def graph_mode(algorithm_config: dict) -> bool:
+    return bool((algorithm_config or {}).get("cuda_graph", False))
+
+
+def set_block_width(req, width: int) -> None:
+    """Cut (or regrow) a request's next block to [seed, width - 1 placeholders]."""
+    fill = req.full_untruncated_fill_ids
+    seed_at = req.seqlen - 1
+    del fill[seed_at + 1:]
+    fill.extend([0] * (width - 1))
+
+
+def _round_candidates(reqs) -> list:
+    from .speculative import SpecState
+
+    return [r for r in reqs if isinstance(r.dllm_algo_state, SpecState) and r.dllm_algo_state.seed is not None
+            and not r.dllm_incomplete_ids and not r.is_dllm_prefill() and r.dllm_block_offset == r.seqlen - 1]
+
+
+def choose_round_widths(scheduler, reqs) -> list[int]:
+    """Choose and apply the width of every spec request of `reqs` about to run a round."""
+    import dataclasses
+
+    rows = _round_candidates(reqs)
+    if not rows:
+        return []
+    cfg = scheduler.dllm_config
+    policy = scheduler_policy(scheduler)
+    states = [r.dllm_algo_state for r in rows]
+    widths = policy.choose([s.acceptance for s in states], [r.seqlen - 1 for r in rows], [s.budget for s in states],
+                           [s.draft_length for s in states])
+    if graph_mode(cfg.algorithm_config):
+        # One captured canvas width: draft (every row a full block) or not at all (AR steps).
+        drafting = any(w > 1 for w in widths)
+        widths = [min(cfg.block_size, s.budget) if drafting else 1 for s in states]
+        slots = [cfg.block_size] * len(rows)
+    else:
+        slots = widths
+    for req, state, width, n in zip(rows, states, widths, slots):
+        req.dllm_algo_state = dataclasses.replace(state, width=width)
+        set_block_width(req, n)
+    return widths
+
+
+# ---- hook ----------------------------------------------------------------------------------------
+def process_dllm_staging_reqs(original, scheduler, adder, reqs):
+    from . import SPEC_ALGORITHM_NAME
+
+    cfg = getattr(scheduler, "dllm_config", None)
+    if cfg is not None and cfg.algorithm == SPEC_ALGORITHM_NAME:
+        choose_round_widths(scheduler, reqs)
+    return original(scheduler, adder, reqs)

@@ -1,0 +1,141 @@
+"""The adaptive draft length (`decoding.draft_policy`): its estimate, cost model and choice."""
+
+import itertools
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fast_dvlm_sglang.decoding.draft_policy import (
+    DEFAULT_COSTS,
+    AcceptanceEstimate,
+    DraftPolicy,
+    ForwardCost,
+    choose_widths,
+    expected_tokens,
+    round_seconds,
+)
+
+WIDTHS = (1, 4, 8, 16, 32)
+
+
+def _objective(p, widths, contexts, cost):
+    return sum(expected_tokens(q, w) for q, w in zip(p, widths)) / round_seconds(cost, widths, contexts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(0.0, 0.999), st.integers(1, 32), st.integers(0, 2**31 - 1))
+def test_expected_tokens_is_the_mean_of_a_simulated_round(p, width, seed):
+    """E(p, w): a round commits the accepted run of draft tokens (each survives with p, until the
+    first miss, at most w - 1) plus one verify token."""
+    rng = random.Random(seed)
+    n, total = 4000, 0
+    for _ in range(n):
+        k = 0
+        while k < width - 1 and rng.random() < p:
+            k += 1
+        total += k + 1
+    mean = total / n
+    # the committed count lies in [1, w]: its standard deviation is at most (w - 1) / 2
+    assert abs(mean - expected_tokens(p, width)) <= 5 * ((width - 1) / 2) / n ** 0.5 + 1e-9
+
+
+costs = st.builds(ForwardCost, base=st.floats(1e-4, 0.05), per_token=st.floats(0.0, 2e-3),
+                  per_row=st.floats(0.0, 2e-3), per_pair=st.floats(0.0, 1e-6))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.floats(0.0, 0.999), min_size=1, max_size=3), costs, st.integers(0, 2**31 - 1))
+def test_choice_is_near_the_exhaustive_optimum_for_small_batches(p, cost, seed):
+    """Coordinate ascent over the two candidates (AR round, drafting round) lands within 5% of
+    the best of all |widths|^n assignments, and never below all-AR or all-widest."""
+    rng = random.Random(seed)
+    contexts = [rng.randint(0, 4000) for _ in p]
+    caps = [rng.choice([1, 3, 8, 32, 100]) for _ in p]
+    allowed = [[w for w in WIDTHS if w <= c] for c in caps]
+    got = choose_widths(p, contexts, allowed, cost)
+    assert all(w in a for w, a in zip(got, allowed))
+    best = max(_objective(p, list(ws), contexts, cost) for ws in itertools.product(*allowed))
+    value = _objective(p, got, contexts, cost)
+    assert value >= 0.95 * best
+    assert value >= _objective(p, [1] * len(p), contexts, cost) * (1 - 1e-9)
+    assert value >= _objective(p, [max(a) for a in allowed], contexts, cost) * (1 - 1e-9)
+
+
+def test_unpredictable_text_gets_ar_steps_and_predictable_text_full_blocks():
+    cost = DEFAULT_COSTS["cpu"]
+    allowed = [list(WIDTHS)]
+    assert choose_widths([0.0], [500], allowed, cost) == [1]
+    assert choose_widths([0.3], [500], allowed, cost) == [1]
+    assert choose_widths([0.99], [500], allowed, cost) == [32]
+    # a mixed batch: the predictable rows keep drafting, the others ride along as AR steps
+    got = choose_widths([0.98] * 4 + [0.05] * 4, [500] * 8, allowed * 8, cost)
+    assert got[:4] == [32] * 4 and got[4:] == [1] * 4
+    # more acceptance never means a narrower draft
+    for c in DEFAULT_COSTS.values():
+        chosen = [choose_widths([p / 100], [500], allowed, c)[0] for p in range(0, 100)]
+        assert chosen == sorted(chosen) and chosen[0] == 1 and chosen[-1] == 32
+
+
+def test_estimate_follows_the_requests_rounds():
+    policy = DraftPolicy(block_size=32, cost=DEFAULT_COSTS["cpu"])
+    e = AcceptanceEstimate()
+    assert policy.acceptance(e) == pytest.approx(policy.prior_p)
+    full = policy.update(e, drafted=31, accepted=31)
+    assert policy.acceptance(full) > 0.9 and full.ar_streak == 0
+    miss = policy.update(e, drafted=7, accepted=0)
+    assert policy.acceptance(miss) < policy.prior_p
+    # an AR step measures nothing: the estimate stays, the streak grows
+    ar = policy.update(miss, drafted=0, accepted=0)
+    assert (ar.successes, ar.trials, ar.ar_streak) == (miss.successes, miss.trials, 1)
+    # recent rounds weigh most: after a miss, a run of full acceptances wins the estimate back
+    back = miss
+    for _ in range(4):
+        back = policy.update(back, drafted=15, accepted=15)
+    assert policy.acceptance(back) > 0.9
+
+
+def test_probes_new_and_long_ar_requests_at_most_when_worth_a_draft_pass():
+    policy = DraftPolicy(block_size=32, cost=DEFAULT_COSTS["cpu"], prior_p=0.1)  # prior alone: AR
+    new, known_bad = AcceptanceEstimate(), AcceptanceEstimate(successes=0.0, trials=5.0)
+    stale = AcceptanceEstimate(successes=0.0, trials=5.0, ar_streak=policy.probe_interval)
+    # batch 1: a new request is probed at once (the narrowest trained width), a known bad one not
+    assert policy.choose([new], [100], [50]) == [4]
+    assert policy.choose([known_bad], [100], [50]) == [1]
+    assert policy.choose([stale], [100], [50]) == [4]
+    # a batch of AR steps runs a draft pass only once half of it is due
+    assert policy.choose([new] + [known_bad] * 3, [100] * 4, [50] * 4) == [1] * 4
+    assert policy.choose([new, stale, known_bad, known_bad], [100] * 4, [50] * 4) == [4, 4, 1, 1]
+    # a probe never exceeds the budget
+    assert policy.choose([new], [100], [2]) == [2]
+
+
+def test_pins_and_caps():
+    cost = DEFAULT_COSTS["cpu"]
+    pinned = DraftPolicy(block_size=32, cost=cost, fixed_width=9)
+    assert pinned.choose([AcceptanceEstimate()] * 2, [10, 10], [100, 3]) == [9, 3]
+    adaptive = DraftPolicy(block_size=16, cost=cost)
+    assert adaptive.widths == (1, 4, 8, 16)  # 32 is past the block
+    good = AcceptanceEstimate(successes=300.0, trials=301.0)
+    # a request's own pin holds whatever the policy would choose for it
+    assert adaptive.choose([good, good], [10, 10], [100, 100], [0, None]) == [1, 16]
+    assert adaptive.choose([good], [10], [5]) == [5]  # a short budget: drafted to its end
+    with pytest.raises(ValueError, match="draft_length"):
+        DraftPolicy(block_size=8, cost=cost, fixed_width=9)
+
+
+def test_forward_cost_loads_a_mapping_or_a_benchmark_file(tmp_path):
+    cost = ForwardCost.load({"base": 0.01, "per_token": 0.001})
+    assert cost.seconds(tokens=10, rows=2, pairs=0) == pytest.approx(0.02)
+    path = tmp_path / "cost.json"
+    path.write_text(json.dumps({"device": "x", "fit": {"base": 0.002, "per_token": 1e-5, "per_row": 1e-4,
+                                                       "per_pair": 1e-9}}))
+    loaded = ForwardCost.load(str(path))
+    assert loaded.per_row == 1e-4 and loaded.source == str(path)
+    for bad, match in (({"base": -1, "per_token": 0}, "base"), ({"base": 1, "per_tok": 0}, "unknown"),
+                       ({"base": "x", "per_token": 0}, "numbers"), (str(tmp_path / "none.json"), "cannot read"),
+                       (3, "mapping")):
+        with pytest.raises(ValueError, match=match):
+            ForwardCost.load(bad)
