@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import sys
 import tempfile
 from datetime import date
 from pathlib import Path
 
 import httpx
+from bench_prefix_cache import shared_prefix_load  # same folder: run as benchmarks/bench_adaptive_spec.py
 
 from fast_dvlm_sglang.config import resolve_model_dir
 from fast_dvlm_sglang.server_process import ServeProcess
@@ -64,24 +63,6 @@ def _draft_lengths(before: dict, after: dict) -> dict[str, float]:
     return out
 
 
-def gsp(server, model: str, tokenizer_dir: Path, concurrency: int, timeout: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bench.jsonl"
-        cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang-oai-chat", "--base-url",
-               server.base_url, "--model", model, "--tokenizer", str(tokenizer_dir), "--dataset-name",
-               "generated-shared-prefix", "--gsp-num-groups", "2", "--gsp-prompts-per-group", "8",
-               "--gsp-system-prompt-len", "1024", "--gsp-question-len", "32", "--gsp-output-len", "48",
-               "--max-concurrency", str(concurrency), "--output-file", str(out), "--disable-tqdm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0 or not out.is_file():
-            return {"completed": 0, "why": proc.stderr[-2000:], "server_healthy_after": server.healthy()}
-        res = json.loads(out.read_text().strip().splitlines()[-1])
-    keys = ("completed", "duration", "total_output_tokens", "output_throughput", "mean_ttft_ms", "mean_tpot_ms",
-            "mean_e2e_latency_ms")
-    return {**{k: res.get(k) for k in keys}, "server_healthy_after": server.healthy(),
-            "command": " ".join(["python"] + cmd[1:3] + cmd[3:5] + ["--base-url", "URL"] + cmd[7:])}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="demo")
@@ -107,7 +88,7 @@ def main() -> None:
             model = server.client().models.list().data[0].id
             for c in args.concurrency:
                 before = _metrics(server) if algorithm == "spec" else {}
-                row = gsp(server, model, model_dir, c, args.timeout)
+                row = shared_prefix_load(server, model, model_dir, args.timeout, concurrency=c)
                 if algorithm == "spec":
                     after = _metrics(server)
                     tokens = after.get("fast_dvlm:spec_tokens_total", 0) - before.get("fast_dvlm:spec_tokens_total", 0)
@@ -123,7 +104,7 @@ def main() -> None:
     res = report["results"]
     if "ar" in res:
         report["output_throughput_vs_ar"] = {
-            name: {c: (r["output_throughput"] or 0) / res["ar"][c]["output_throughput"]
+            name: {c: (r.get("output_throughput") or 0) / res["ar"][c]["output_throughput"]
                    for c, r in rows.items() if c in res["ar"] and res["ar"][c].get("output_throughput")}
             for name, rows in res.items()}
     out = args.out or RESULTS / f"adaptive_spec_cpu_{Path(str(args.model)).name}.json"

@@ -120,28 +120,23 @@ def main() -> None:
     report = {"what": __doc__.split("\n\n")[0], "date": str(date.today()), "model": args.model,
               "device": f"CPU ({platform.processor() or platform.machine()}), float32, torch_native attention",
               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "spec": [], "ar": []}
-    server = ServeProcess(model_dir, "spec", log_dir / "spec.log")
-    try:
-        server.wait_ready()
-        for ctx in args.contexts:
-            for c in args.concurrency:
-                for k in args.draft_lengths:
-                    row = measure(server, vocab, c, k, ctx, args.short, args.long, rng)
-                    report["spec"].append(row)
-                    print("spec", json.dumps(row), flush=True)
-    finally:
-        server.stop()
-    if not args.skip_ar:
-        server = ServeProcess(model_dir, "ar", log_dir / "ar.log")
+    def sweep(algorithm: str, draft_lengths: list) -> list[dict]:
+        rows = []
+        server = ServeProcess(model_dir, algorithm, log_dir / f"{algorithm}.log")
         try:
             server.wait_ready()
             for ctx in args.contexts:
                 for c in args.concurrency:
-                    row = measure(server, vocab, c, None, ctx, args.short, args.long, rng)
-                    report["ar"].append(row)
-                    print("ar", json.dumps(row), flush=True)
+                    for k in draft_lengths:
+                        rows.append(measure(server, vocab, c, k, ctx, args.short, args.long, rng))
+                        print(algorithm, json.dumps(rows[-1]), flush=True)
         finally:
             server.stop()
+        return rows
+
+    report["spec"] = sweep("spec", args.draft_lengths)
+    if not args.skip_ar:
+        report["ar"] = sweep("ar", [None])  # SGLang's own decode step, for comparison
     report["fit"] = {**fit(report["spec"], args.long), "unit": "seconds per forward",
                      "source": "benchmarks/bench_forward_cost.py"}
     ar = {(r["context"], r["concurrency"]): r["round_s"] for r in report["ar"]}

@@ -104,15 +104,17 @@ def five_turns(client, model, max_tokens: int) -> list[dict]:
     return rows
 
 
-def shared_prefix_load(server: ServeProcess, model: str, tokenizer_dir: Path, timeout: int) -> dict:
-    """SGLang's own client, the KV-pool issue's command."""
+def shared_prefix_load(server: ServeProcess, model: str, tokenizer_dir: Path, timeout: int,
+                       concurrency: int = 16) -> dict:
+    """SGLang's own client on its generated-shared-prefix dataset (the KV-pool and the
+    adaptive-speculation issues' command): 2 groups x 8 random-token prompts of ~1.1k tokens."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.jsonl"
         cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang-oai-chat", "--base-url",
                server.base_url, "--model", model, "--tokenizer", str(tokenizer_dir), "--dataset-name",
                "generated-shared-prefix", "--gsp-num-groups", "2", "--gsp-prompts-per-group", "8",
                "--gsp-system-prompt-len", "1024", "--gsp-question-len", "32", "--gsp-output-len", "48",
-               "--max-concurrency", "16", "--output-file", str(out), "--disable-tqdm"]
+               "--max-concurrency", str(concurrency), "--output-file", str(out), "--disable-tqdm"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -101,13 +101,15 @@ def test_probes_new_and_long_ar_requests_at_most_when_worth_a_draft_pass():
     policy = DraftPolicy(block_size=32, cost=DEFAULT_COSTS["cpu"], prior_p=0.1)  # prior alone: AR
     new, known_bad = AcceptanceEstimate(), AcceptanceEstimate(successes=0.0, trials=5.0)
     stale = AcceptanceEstimate(successes=0.0, trials=5.0, ar_streak=policy.probe_interval)
-    # batch 1: a new request is probed at once (the narrowest trained width), a known bad one not
-    assert policy.choose([new], [100], [50]) == [4]
+    # batch 1: a new request is probed at once (width 8), a known bad one not
+    assert policy.choose([new], [100], [50]) == [8]
     assert policy.choose([known_bad], [100], [50]) == [1]
-    assert policy.choose([stale], [100], [50]) == [4]
+    assert policy.choose([stale], [100], [50]) == [8]
     # a batch of AR steps runs a draft pass only once half of it is due
     assert policy.choose([new] + [known_bad] * 3, [100] * 4, [50] * 4) == [1] * 4
-    assert policy.choose([new, stale, known_bad, known_bad], [100] * 4, [50] * 4) == [4, 4, 1, 1]
+    assert policy.choose([new, stale, known_bad, known_bad], [100] * 4, [50] * 4) == [8, 8, 1, 1]
+    # one fully accepted probe is enough for whole blocks
+    assert policy.choose([policy.update(new, drafted=7, accepted=7)], [100], [50]) == [32]
     # a probe never exceeds the budget
     assert policy.choose([new], [100], [2]) == [2]
 

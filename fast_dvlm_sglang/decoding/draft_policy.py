@@ -12,7 +12,7 @@ first failure; a round of width w then commits E(p, w) = 1 + p + ... + p^(w-1) t
 p is estimated from the request's own rounds (successes / trials), discounted so recent rounds
 count most, with a prior for a request that has no history. AR steps measure nothing, so a request is
 *due* for a probe while it has no evidence (a new request) or after `probe_interval` AR steps in
-a row; a probe drafts the narrowest trained width (4). Due requests ride along in any drafting
+a row; a probe is a round of width 8. Due requests ride along in any drafting
 round (the draft forward is paid anyway: a few tokens more). In a batch of AR steps, a probe
 costs a draft forward the batch would not have run, so it runs only once half the batch is due
 (at batch 1: at once), every due request in that one draft pass; at the default interval of 64
@@ -131,9 +131,13 @@ class DraftPolicy:
     fixed_width: int | None = None  # `draft_length: k` pins width k + 1 (0: AR steps only)
     widths: tuple[int, ...] = (1,) + TRAINED_WIDTHS
     prior_p: float = 0.5  # below the break-even of a lone draft: new requests are explored by probes
-    prior_weight: float = 2.0
+    prior_weight: float = 1.0
     decay: float = 0.7
     probe_interval: int = 64
+    # A probe wide enough that one fully accepted probe lifts the estimate to whole blocks at
+    # once (short answers cannot afford a slow ramp), and a failed one costs about what a
+    # 4-token probe costs (a forward's cost grows little with its width at small batches).
+    probe_width: int = 8
 
     def __post_init__(self) -> None:
         if self.fixed_width is not None and not 1 <= self.fixed_width <= self.block_size:
@@ -173,7 +177,7 @@ class DraftPolicy:
         due = [f is None and (e.trials == 0 or e.ar_streak >= self.probe_interval) for e, f in zip(estimates, fixed)]
         drafting = any(w > 1 for w in chosen)
         if any(due) and (drafting or 2 * sum(due) >= len(due)):
-            probe = self.widths[1] if len(self.widths) > 1 else 1
+            probe = self.probe_width if self.probe_width in self.widths else self.widths[min(2, len(self.widths) - 1)]
             chosen = [max(w, min(probe, c)) if d else w for w, d, c in zip(chosen, due, caps)]
         return chosen
 

@@ -41,9 +41,11 @@ Metrics (SGLang's per-token `req.customized_info` channel; native /generate retu
   emitted: 0 for the first token (the context pass's), r for the accepted drafts and the next
   seed of round r;
 - `meta_info["dllm_nfe"]`: per output token, the request's forward passes so far after its
-  prompt's prefill (2 per round, 1 for a round with no room for a draft, + 1 per re-encoding
+  prompt's prefill (2 per round, 1 for an AR step (a round without drafts), + 1 per re-encoding
   context pass after a retraction), the reference decoder's `GenerationResult.nfe`;
-  tokens/NFE = completion_tokens / dllm_nfe[-1].
+  tokens/NFE = completion_tokens / dllm_nfe[-1];
+- `meta_info["dllm_draft_length"]`: per output token, the draft length of the round that emitted
+  it (0 for the first token and for AR steps; `draft_length.py` chooses it).
 SGLang's own speculative meta_info fields (`spec_accept_length`, ...) are only filled when
 SGLang's `--speculative-algorithm` is set, so they stay absent. With `--enable-metrics`, the
 server-wide counters are in `/metrics` (`metrics.py`: rounds, accepted drafts, tokens, forwards).

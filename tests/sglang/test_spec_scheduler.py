@@ -941,12 +941,12 @@ def test_adaptive_policy_drafts_where_drafts_land_and_steps_where_they_do_not(sg
     assert _ids(hard) == oracle(list(range(1, 120)), 60, set())
     easy_k = [d for _, d in _rounds_of(easy)]
     hard_k = [d for _, d in _rounds_of(hard)]
-    # both new: probed at the narrowest trained width (4) in one draft pass; then the easy one
+    # both new: probed (width 8, the whole block here) in one draft pass; then the easy one
     # drafts whole blocks until the budget's last few tokens (where a draft pass no longer pays)
-    assert easy_k[0] == hard_k[0] == 3
+    assert easy_k[0] == hard_k[0] == 7
     assert easy_k[1:7] == [h.block_size - 1] * 6 and len(easy_k) <= 7 + 3
-    # the hard one rides along with the narrowest draft while the batch drafts anyway (a few
-    # tokens more in forwards that run regardless), and runs AR steps once alone
+    # the hard one rides along with a short draft while the batch drafts anyway (a few tokens
+    # more in forwards that run regardless), and runs AR steps once alone
     assert set(hard_k[1:len(easy_k)]) <= {0, 3}
     assert hard_k[len(easy_k):] == [0] * (len(hard_k) - len(easy_k))
     # rows of different widths shared the forwards
