@@ -141,3 +141,21 @@ def test_forward_cost_loads_a_mapping_or_a_benchmark_file(tmp_path):
                        (3, "mapping")):
         with pytest.raises(ValueError, match=match):
             ForwardCost.load(bad)
+
+
+def test_seeded_sampling_rows_choose_as_if_alone():
+    """A seeded sampling request's widths decide how its generator is consumed: they must not
+    depend on the rest of the batch (same seed, same answer under any traffic)."""
+    policy = DraftPolicy(block_size=32, cost=DEFAULT_COSTS["cpu"])
+    rng = random.Random(3)
+    for _ in range(50):
+        n = rng.randint(2, 12)
+        est = [AcceptanceEstimate(successes=rng.uniform(0, 30), trials=rng.uniform(0, 40),
+                                  ar_streak=rng.choice([0, 70])) for _ in range(n)]
+        ctx = [rng.randint(10, 3000) for _ in range(n)]
+        budgets = [rng.randint(1, 60) for _ in range(n)]
+        alone = [rng.random() < 0.5 for _ in range(n)]
+        got = policy.choose(est, ctx, budgets, alone=alone)
+        for i in range(n):
+            if alone[i]:
+                assert got[i] == policy.choose([est[i]], [ctx[i]], [budgets[i]])[0]

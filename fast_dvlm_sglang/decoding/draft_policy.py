@@ -162,11 +162,18 @@ class DraftPolicy:
         return estimate.update(drafted, accepted, self.decay)
 
     def choose(self, estimates: list[AcceptanceEstimate], contexts: list[int], budgets: list[int],
-               pinned: list[int | None] | None = None) -> list[int]:
+               pinned: list[int | None] | None = None, alone: list[bool] | None = None) -> list[int]:
         """One width per request (see `choose_widths`); `budgets`: tokens each may still emit;
-        `pinned`: a request's own draft length (None: the policy's)."""
+        `pinned`: a request's own draft length (None: the policy's); `alone`: requests whose
+        width must not depend on the rest of the batch (seeded sampling: a width changes how many
+        draws a round takes from the request's generator, so a batch-aware width would make the
+        same seed give another answer under other traffic): chosen as if each ran alone."""
         caps = [max(1, min(self.block_size, b)) for b in budgets]
-        pinned = pinned or [None] * len(caps)
+        pinned = list(pinned or [None] * len(caps))
+        if alone is not None and len(caps) > 1:
+            for i, solo in enumerate(alone):
+                if solo and pinned[i] is None:
+                    pinned[i] = self.choose([estimates[i]], [contexts[i]], [budgets[i]])[0] - 1
         fixed = [self.fixed_width if k is None else k + 1 for k in pinned]
         if self.fixed_width is not None and all(k is None for k in pinned):
             return [min(self.fixed_width, c) for c in caps]

@@ -7,7 +7,9 @@ this module chooses a width w for every `FastDVLMSpeculative` request about to r
 the whole candidate batch at once (`DraftPolicy.choose`), and cuts the request's block to
 [seed, w - 1 placeholders]: the adder then allocates w KV slots for it (`len(fill) - prefix_len`)
 and the round drafts w - 1 tokens. Width 1 is an AR step (the seed alone, causal, no draft
-pass). Rows of different widths share one forward (SGLang's extend metadata is per-row
+pass). A seeded sampling request's width is chosen as if it ran alone: its width decides how
+many draws a round takes from its generator, so the same seed gives the same answer under any
+traffic. Rows of different widths share one forward (SGLang's extend metadata is per-row
 variable length; `speculative.py` lays the positions out), so at high concurrency requests that
 draft badly fall back to AR steps while the others keep drafting.
 
@@ -103,7 +105,8 @@ def choose_round_widths(scheduler, reqs) -> list[int]:
     policy = scheduler_policy(scheduler)
     states = [r.dllm_algo_state for r in rows]
     widths = policy.choose([s.acceptance for s in states], [r.seqlen - 1 for r in rows], [s.budget for s in states],
-                           [s.draft_length for s in states])
+                           [s.draft_length for s in states],
+                           [not s.greedy and s.sampling_seed is not None for s in states])
     if graph_mode(cfg.algorithm_config):
         # One captured canvas width: draft (every row a full block) or not at all (AR steps).
         drafting = any(w > 1 for w in widths)
