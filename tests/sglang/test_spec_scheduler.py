@@ -967,3 +967,18 @@ def test_bad_draft_length_settings_are_refused(sgl):
         req.sampling_params.custom_params = {"draft_length": k}
         req.dllm_algo_state = None
         assert "draft_length" in FastDVLMSpeculative.validate_request(req)
+
+
+def test_graph_mode_keeps_whole_blocks_and_only_skips_drafts(sgl):
+    """`cuda_graph: true`: SGLang's dLLM decode graphs are captured for `block_size` slots per
+    request, so every row of every round keeps the whole block; the policy only decides whether
+    the batch drafts (a round of AR steps runs the verify pass alone). Outputs stay the truth."""
+    h = Harness(1, algorithm_config={"cuda_graph": True}, wrong_every=10_000, hard_from=0)
+    reqs = [h.add(list(range(1, 6 + i)), max_new_tokens=40) for i in range(2)]
+    h.run()
+    for req in reqs:
+        assert _ids(req) == oracle(list(req.origin_input_ids), 40, set())
+    rounds = [c for c in h.runner.calls if c[0]]
+    assert rounds and all(set(c[4]) == {h.block_size} for c in rounds)  # one captured canvas width
+    verify_only = [c for i, c in enumerate(rounds) if c[1] and (i == 0 or rounds[i - 1][1])]
+    assert verify_only, "drafts that never land: the batch falls back to AR rounds without a draft pass"
