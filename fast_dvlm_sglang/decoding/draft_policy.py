@@ -151,10 +151,6 @@ class DraftPolicy:
         widths = tuple(sorted({w for w in self.widths if 1 <= w <= self.block_size} | {1}))
         object.__setattr__(self, "widths", widths)
 
-    @property
-    def adaptive(self) -> bool:
-        return self.fixed_width is None
-
     def acceptance(self, estimate: AcceptanceEstimate) -> float:
         return estimate.p(self.prior_p, self.prior_weight)
 
