@@ -1,7 +1,9 @@
 """`fast-dvlm serve`: SGLang's OpenAI-compatible server for Fast-dVLM, with our plugin.
 
     fast-dvlm serve [--model demo|PATH|HF_ID] [--algorithm ar|mdm|spec] [--host 127.0.0.1]
-                    [--port 8000] [--max-running-requests N] [--api-key K] [-- extra SGLang args]
+                    [--port 8000] [--max-running-requests N] [--api-key K]
+                    [--max-request-bytes N] [--allowed-local-media-path DIR] [--allow-image-urls]
+                    [-- extra SGLang args]
 
 Runs `python -m sglang.launch_server` (the plugin loads through its entry points in every SGLang
 process). Flags follow the machine: on a host without CUDA, the PyTorch CPU path (device cpu,
@@ -22,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from fast_dvlm_sglang.sglang_plugin.limits import ServingLimits
 
 ALGORITHMS = ("ar", "mdm", "spec")
 DEFAULT_DLLM_MAX_RUNNING = 16
@@ -50,6 +54,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--forward-cost", default=None,
                    help="spec: the adaptive policy's cost table (JSON from benchmarks/bench_forward_cost.py; "
                         "default: the built-in table of the device type)")
+    limits = p.add_argument_group("security and limits (README: Security and limits)")
+    limits.add_argument("--max-request-bytes", type=int, default=ServingLimits.max_request_bytes,
+                        help="largest request body, counted before parsing; bigger gets HTTP 413 (0: no limit; "
+                             "default: %(default)s = 32 MiB)")
+    limits.add_argument("--request-read-timeout", type=float, default=ServingLimits.request_read_timeout_s,
+                        help="seconds a request body may take to arrive; slower gets HTTP 408 (default: %(default)s)")
+    limits.add_argument("--max-images", type=int, default=ServingLimits.max_images,
+                        help="images per request (0: no limit; default: %(default)s)")
+    limits.add_argument("--max-image-pixels", type=int, default=ServingLimits.max_image_pixels,
+                        help="pixels per decoded image, read from its header (0: no limit; default: %(default)s)")
+    limits.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                        help="read local media files (absolute paths or file:// URLs) inside DIR only "
+                             "(default: no local files)")
+    limits.add_argument("--allow-image-urls", action="store_true",
+                        help="fetch http(s) media URLs whose addresses are all public (default: data: URLs only)")
+    limits.add_argument("--allowed-image-hosts", default=None, metavar="HOST[,HOST...]",
+                        help="with --allow-image-urls: fetch from these hosts only (any address, loopback "
+                             "included; SGLang's --allowed-media-domains)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dry-run", action="store_true", help="print the SGLang command and exit")
     return p
@@ -130,7 +152,23 @@ def build_command(args: argparse.Namespace, extra: list[str], algo_config: str |
         cmd += ["--dllm-algorithm", "FastDVLMSpeculative"]
         if algo_config:
             cmd += ["--dllm-algorithm-config", algo_config]
+    if args.allowed_image_hosts:
+        cmd += ["--allowed-media-domains", *[h.strip() for h in args.allowed_image_hosts.split(",") if h.strip()]]
     return cmd + extra
+
+
+def serving_limits(args: argparse.Namespace) -> ServingLimits:
+    """The request limits and media policy (`sglang_plugin/limits.py`), checked; one-line errors."""
+    if args.allowed_image_hosts and not args.allow_image_urls:
+        raise SystemExit("fast-dvlm serve: --allowed-image-hosts needs --allow-image-urls")
+    try:
+        return ServingLimits(max_request_bytes=args.max_request_bytes, max_images=args.max_images,
+                             max_image_pixels=args.max_image_pixels,
+                             request_read_timeout_s=args.request_read_timeout,
+                             allowed_local_media_path=args.allowed_local_media_path,
+                             allow_media_urls=args.allow_image_urls).checked()
+    except ValueError as e:
+        raise SystemExit(f"fast-dvlm serve: {e}") from None
 
 
 def algorithm_yaml(args: argparse.Namespace) -> str | None:
@@ -166,6 +204,7 @@ def serve_main(argv: list[str]) -> int:
         argv, extra = argv[:i], argv[i + 1:]
     args = _parser().parse_args(argv)
     algo_config, algo_yaml = None, algorithm_yaml(args)
+    limits_env = serving_limits(args).env()
     with tempfile.TemporaryDirectory(prefix="fast-dvlm-serve-") as tmp:
         if algo_yaml is not None:
             algo_config = os.path.join(tmp, f"fast_dvlm_{args.algorithm}.yaml")
@@ -173,10 +212,11 @@ def serve_main(argv: list[str]) -> int:
                 f.write(algo_yaml)
         cmd = build_command(args, extra, algo_config)
         if args.dry_run:
-            print(" ".join(cmd))
+            print(" ".join([*(f"{k}={v}" for k, v in sorted(limits_env.items())), *cmd]))
             return 0
         env = dict(os.environ)
         env.pop("SGLANG_USE_CPU_ENGINE", None)
+        env.update(limits_env)  # every SGLang process reads them (`sglang_plugin/limits.py`)
         proc = subprocess.Popen(cmd, env=env)
         # A process manager stops us with SIGTERM (or SIGHUP when the terminal goes): pass it on,
         # or the SGLang server outlives us and keeps the port and the memory.

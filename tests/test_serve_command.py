@@ -166,3 +166,39 @@ def test_draft_length_and_forward_cost_are_algorithm_config(tmp_path):
 def test_draft_length_misuse_is_a_one_line_error(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
         _cmd("--model", str(tmp_path), *argv)
+
+
+def test_limits_reach_every_sglang_process_as_environment(tmp_path, capsys):
+    """The limits are not SGLang flags: `serve` sets them in the environment of the SGLang process
+    tree (`sglang_plugin/limits.py` reads them there); the host allow-list is SGLang's own flag."""
+    from fast_dvlm_sglang.sglang_plugin.limits import ServingLimits
+
+    media = tmp_path / "media"
+    media.mkdir()
+    assert serve.serve_main(["--model", str(tmp_path), "--device", "cpu", "--dry-run", "--max-request-bytes", "1000",
+                             "--max-images", "2", "--allowed-local-media-path", str(media / ".." / "media"),
+                             "--allow-image-urls", "--allowed-image-hosts", "a.example, b.example"]) == 0
+    words = capsys.readouterr().out.split()
+    env = dict(w.split("=", 1) for w in words if w.startswith("FAST_DVLM_"))
+    limits = ServingLimits.from_env(env)
+    assert limits == ServingLimits(max_request_bytes=1000, max_images=2, allow_media_urls=True,
+                                   allowed_local_media_path=str(media.resolve()))
+    i = words.index("--allowed-media-domains")
+    assert words[i + 1:i + 3] == ["a.example", "b.example"]
+    # without flags: the defaults, data: URLs only
+    assert serve.serve_main(["--model", str(tmp_path), "--device", "cpu", "--dry-run"]) == 0
+    words = capsys.readouterr().out.split()
+    assert ServingLimits.from_env(dict(w.split("=", 1) for w in words if w.startswith("FAST_DVLM_"))) == ServingLimits()
+    assert "--allowed-media-domains" not in words
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--allowed-image-hosts", "a.example"], "--allowed-image-hosts needs --allow-image-urls"),
+    (["--allowed-local-media-path", "/no/such/dir"], "not a directory"),
+    (["--max-request-bytes", "-1"], "max_request_bytes must be >= 0"),
+    (["--request-read-timeout", "0"], "request_read_timeout_s must be > 0"),
+])
+def test_limit_misuse_is_a_one_line_error(tmp_path, argv, message):
+    with pytest.raises(SystemExit) as e:
+        serve.serve_main(["--model", str(tmp_path), "--device", "cpu", "--dry-run", *argv])
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -7,9 +7,6 @@ instead of silently disabling a hook. Hook functions live here and import SGLang
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import logging
 
 from fast_dvlm_sglang.config import ARCHITECTURE
@@ -19,6 +16,9 @@ logger = logging.getLogger(__name__)
 _ME = "fast_dvlm_sglang.sglang_plugin.hooks"
 _KV = "fast_dvlm_sglang.sglang_plugin.kv_pressure"
 _PC = "fast_dvlm_sglang.sglang_plugin.prefix_cache"
+_HG = "fast_dvlm_sglang.sglang_plugin.http_guard"
+_RC = "fast_dvlm_sglang.sglang_plugin.request_checks"
+_MP = "fast_dvlm_sglang.sglang_plugin.media_policy"
 
 HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
     # Block size / mask id for our architecture (SGLang's table is hard-coded per architecture).
@@ -70,9 +70,22 @@ HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
     # CUDA graphs for FastDVLMSpeculative (opt-in): a bidirectional and a causal capture.
     ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.create_attention_graph_variants",
      "fast_dvlm_sglang.sglang_plugin.attention_modes:create_attention_graph_variants", "AROUND"),
-    # OpenAI chat requests SGLang accepts but our model must refuse (4xx).
+    # Hostile clients. The HTTP edge (`http_guard.py`): a request-body limit before parsing,
+    # error bodies without tracebacks, `/generate` stream refusals as a 4xx before any byte.
+    ("sglang.srt.entrypoints.http_server._setup_and_run_http_server", f"{_HG}:setup_and_run_http_server", "AROUND"),
+    ("sglang.srt.entrypoints.http_server.serve_generate_request", f"{_HG}:serve_generate_request", "AROUND"),
+    # One validation layer for chat, completions and /generate (`request_checks.py`).
+    ("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request", f"{_RC}:generate_request", "AROUND"),
+    ("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
+     f"{_RC}:after_validate_one_request", "AFTER"),
     ("sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._validate_request",
-     f"{_ME}:after_validate_chat_request", "AFTER"),
+     f"{_RC}:after_validate_chat_request", "AFTER"),
+    ("sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._validate_request",
+     f"{_RC}:after_validate_completion_request", "AFTER"),
+    # Media sources and sizes where SGLang fetches and decodes (`media_policy.py`): every
+    # redirect hop's address, every decoded image's pixel count.
+    ("sglang.srt.utils.common._assert_media_url_allowed", f"{_MP}:assert_media_url_allowed", "AROUND"),
+    ("sglang.srt.utils.common._fully_load_pil_image", f"{_MP}:fully_load_pil_image", "AROUND"),
 )
 
 
@@ -127,66 +140,4 @@ def process_batch_result_dllm(original, scheduler, batch, result):
     for req, state in zip(batch.reqs, states):
         if state is not None:
             req.dllm_algo_state = state
-    return None
-
-
-def _check_image_url(url: str) -> str | None:
-    if not url.startswith("data:"):
-        return None  # remote URLs / paths: SGLang fetches and reports them itself
-    header, sep, payload = url.partition(",")
-    if not sep:
-        return "Image data URL has no payload."
-    if not header[5:].lower().startswith("image/"):
-        return f"Image data URL must have an image/* media type, got {header[5:] or 'none'!r}."
-    if ";base64" not in header.lower():
-        return "Image data URL must be base64-encoded."
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        return "Image data URL is not valid base64."
-    try:
-        from PIL import Image
-
-        with Image.open(io.BytesIO(raw)) as img:
-            img.verify()
-    except Exception:
-        return "Image data URL does not contain a decodable image."
-    return None
-
-
-def _iter_image_urls(request):
-    for message in request.messages or []:
-        content = getattr(message, "content", None)
-        if not isinstance(content, list):
-            continue
-        for part in content:
-            kind = getattr(part, "type", None) or (part.get("type") if isinstance(part, dict) else None)
-            if kind != "image_url":
-                continue
-            image = getattr(part, "image_url", None) or (part.get("image_url") if isinstance(part, dict) else None)
-            url = getattr(image, "url", None) or (image.get("url") if isinstance(image, dict) else None)
-            if url is not None:
-                yield url
-
-
-def _serves_our_model(serving) -> bool:
-    try:
-        archs = serving.tokenizer_manager.model_config.hf_config.architectures or []
-    except AttributeError:
-        return False
-    return ARCHITECTURE in archs
-
-
-def after_validate_chat_request(error, serving, request):
-    if error or not _serves_our_model(serving):
-        return None
-    if request.n is not None and request.n != 1:
-        return "n must be 1: Fast-dVLM returns one choice per request."
-    served = serving.tokenizer_manager.served_model_name
-    if request.model and request.model != served:
-        return f"The model {request.model!r} does not exist; this server serves {served!r}."
-    for url in _iter_image_urls(request):
-        message = _check_image_url(url)
-        if message:
-            return message
     return None

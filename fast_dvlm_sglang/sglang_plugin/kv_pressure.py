@@ -104,11 +104,16 @@ def validate_dllm_request(original, scheduler, req):
     error = original(scheduler, req)
     if error or not _ours(scheduler):
         return error
-    block, pool = scheduler.dllm_config.block_size, pool_tokens(scheduler)
-    if len(req.origin_input_ids) + block > pool:
-        return (f"The prompt ({len(req.origin_input_ids)} tokens) and one decoding block ({block} tokens) do not "
-                f"fit in the KV cache of {pool} tokens (--max-total-tokens); shorten the prompt.")
-    return None
+    return never_fits_message(len(req.origin_input_ids), scheduler.dllm_config.block_size, pool_tokens(scheduler))
+
+
+def never_fits_message(prompt_tokens: int, block: int, pool: int) -> str | None:
+    """A prompt that with one decoding block can never fit in the KV pool (the HTTP process
+    refuses it first, `request_checks.after_validate_one_request`)."""
+    if prompt_tokens + block <= pool:
+        return None
+    return (f"The prompt ({prompt_tokens} tokens) and one decoding block ({block} tokens) do not "
+            f"fit in the KV cache of {pool} tokens (--max-total-tokens); shorten the prompt.")
 
 
 def process_dllm_incoming_reqs(original, scheduler, adder, reqs, running_batch):

@@ -131,17 +131,30 @@ def apply_round(req, tokens: list[int], state: SpecState, req_to_token_pool, all
     req.dllm_block_offset = keep
 
     drafted = (state.width or slots) - 1
-    req.spec_verify_ct += 1
-    req.spec_num_correct_drafts += n - 1
     _record_metrics(req, state, n, drafted)
 
     req.update_finish_state(new_accepted_len=n)
+    req.spec_verify_ct += 1
+    req.spec_num_correct_drafts += accepted_drafts_emitted(req, n)
     if req.finished():
         req.dllm_algo_state = None
     else:
         acceptance = state.acceptance if policy is None else policy.update(state.acceptance, drafted, n - 1)
         req.dllm_algo_state = dataclasses.replace(state, budget=budget(req), acceptance=acceptance)
     return freed
+
+
+def emitted_this_round(req, n: int) -> int:
+    """Tokens of this round's `n` the client gets: all of them, or those through a stop token
+    (SGLang's `finished_len` cuts `output_ids` there)."""
+    before = len(req.output_ids) - n
+    return min(n, len(req.output_ids_through_stop) - before)
+
+
+def accepted_drafts_emitted(req, n: int) -> int:
+    """Accepted drafts that were emitted: a round's tokens are its accepted drafts, then the new
+    seed; drafts past a stop token are accepted by verify but never sent, so not counted."""
+    return min(n - 1, emitted_this_round(req, n))
 
 
 def _record_metrics(req, state: SpecState, n: int, drafted: int) -> None:
@@ -203,13 +216,13 @@ def process_batch_result_dllm(original, scheduler, batch, result):
         for req, tokens, state in zip(batch.reqs, result.next_token_ids, states):
             if req.finished():
                 continue  # released elsewhere while the round ran
-            emitted, nfe = len(req.output_ids), req.dllm_algo_state.nfe
+            nfe = req.dllm_algo_state.nfe
             apply_round(req, list(tokens), state, scheduler.req_to_token_pool, allocator, block_size, policy)
+            emitted = emitted_this_round(req, len(tokens))
             if record:
-                metrics.record(block_size, rounds=1, accepted_drafts=len(tokens) - 1,
-                               tokens=len(req.output_ids_through_stop) - emitted, forwards=state.nfe - nfe,
-                               draft_length=state.width - 1)
-            scheduler.metrics_reporter.num_generated_tokens += len(tokens)
+                metrics.record(block_size, rounds=1, accepted_drafts=min(len(tokens) - 1, emitted),
+                               tokens=emitted, forwards=state.nfe - nfe, draft_length=state.width - 1)
+            scheduler.metrics_reporter.num_generated_tokens += emitted
             scheduler._finish_dllm_request_if_needed(req)
         scheduler.output_streamer.stream_output(batch.reqs, batch.return_logprob)
     finally:

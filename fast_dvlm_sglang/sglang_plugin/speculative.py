@@ -224,31 +224,15 @@ class FastDVLMSpeculative(DllmAlgorithm):
     @classmethod
     def validate_request(cls, req) -> str | None:
         """Refuse what the draft/verify sampler cannot honour; attach the request's `SpecState`."""
+        from .request_checks import spec_refusal
+
+        # The HTTP process refuses these first (`request_checks.py`, a 400 before any stream
+        # byte); this is the same rule for requests that reach the scheduler another way.
         sp = req.sampling_params
-        refused = []
-        if sp.json_schema or sp.regex or sp.ebnf or sp.structural_tag:
-            refused.append("constrained decoding (json_schema / regex / ebnf / structural_tag)")
-        if sp.frequency_penalty or sp.presence_penalty or sp.repetition_penalty != 1.0:
-            refused.append("frequency / presence / repetition penalties")
-        if sp.min_p:
-            refused.append("min_p")
-        if sp.logit_bias:
-            refused.append("logit_bias")
-        if sp.min_new_tokens:
-            refused.append("min_new_tokens")
-        if getattr(sp, "beam_width", None) is not None:
-            refused.append("beam search")
-        if req.return_logprob:
-            refused.append("logprobs")
-        if getattr(req, "custom_logit_processor", None):
-            refused.append("custom logit processors")
-        if refused:
-            return f"{ALGORITHM_NAME} does not support {', '.join(refused)}"
-        custom = sp.custom_params if isinstance(sp.custom_params, dict) else {}
-        if "draft_length" in custom:
-            k, block = custom["draft_length"], req.dllm_config.block_size
-            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < block:
-                return f"custom_params.draft_length must be an integer in [0, {block - 1}], got {k!r}"
+        error = spec_refusal(lambda name: getattr(sp, name, None), req.return_logprob,
+                             getattr(req, "custom_logit_processor", None), lambda: req.dllm_config.block_size)
+        if error:
+            return error
         if not isinstance(req.dllm_algo_state, SpecState):
             req.dllm_algo_state = SpecState.from_request(sp)
         return None

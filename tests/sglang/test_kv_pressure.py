@@ -101,6 +101,12 @@ def test_many_long_prompts_through_a_small_pool(small_pool_server):
     r = httpx.post(server.base_url + "/generate", timeout=60,
                    json={"input_ids": [7] * (POOL - 10), "sampling_params": {"max_new_tokens": 4}})
     assert r.status_code == 400 and "--max-total-tokens" in r.text, r.text
+    # Streamed, the same refusal comes as a 400 before any event (the HTTP process checks it).
+    with httpx.stream("POST", server.base_url + "/generate", timeout=60,
+                      json={"input_ids": [7] * (POOL - 10), "sampling_params": {"max_new_tokens": 4},
+                            "stream": True}) as r:
+        first = r.read()
+    assert r.status_code == 400 and b"--max-total-tokens" in first and not first.startswith(b"data:"), first
 
     assert server.healthy()
     # Every slot is free or held by the radix tree alone (evictable: no request holds it).

@@ -515,6 +515,9 @@ def test_eos_inside_accepted_prefix_ends_request_there(sgl, page_size):
     assert isinstance(req.finished_reason, FINISH_MATCHED_TOKEN)
     assert _ids(req) == truth[:5] and len(req.output_ids) > 5  # committed past it, reported up to it
     assert req.customized_info["dllm_spec_round"][:5] == [0, 1, 1, 1, 1]
+    # SGLang's accepted-draft count (its meta_info / metrics) counts the 4 drafts emitted, not
+    # the ones verify accepted past the EOS.
+    assert req.spec_num_correct_drafts == 4 == _emitted_drafts(req)
     assert _ids(other) == oracle([1, 1, 2], 12, set())
     assert h.alloc.available_size() == h.initial_free
 
@@ -542,7 +545,19 @@ def test_stop_string_inside_accepted_prefix(sgl):
     h.run()
     assert isinstance(req.finished_reason, FINISH_MATCHED_STR)
     assert _ids(req) == truth[:first + len(stop)]
+    assert req.spec_num_correct_drafts == _emitted_drafts(req) < len(req.output_ids)
     assert h.alloc.available_size() == h.initial_free
+
+
+def _emitted_drafts(req) -> int:
+    """Drafts among the emitted tokens: a round emits its accepted drafts and then its new seed,
+    unless a stop cut it short (then all it emitted were drafts); the first token is the context
+    pass's."""
+    emitted = len(_ids(req))
+    tags = req.customized_info["dllm_spec_round"][:emitted]
+    rounds = sorted(set(tags) - {0})
+    cut = len(req.output_ids) > emitted
+    return sum(tags.count(r) - 1 for r in rounds) + int(cut and bool(rounds))
 
 
 def test_abort_between_rounds_and_finish_mid_batch(sgl):
