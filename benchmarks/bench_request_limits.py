@@ -71,7 +71,8 @@ def measure(server_pid: int, port: int, body: bytes) -> dict:
 
 
 def oversized(label: str, env: dict[str, str], serve_args: list[str], sizes: list[int], logs: Path) -> dict:
-    server = ServeProcess("demo", "spec", logs / f"{label}.log", env=env, serve_args=serve_args)
+    # cwd outside the repo: `python -m` puts the cwd first on sys.path (the `before` checkout must win)
+    server = ServeProcess("demo", "spec", logs / f"{label}.log", env=env, serve_args=serve_args, cwd=logs)
     try:
         server.wait_ready()
         out = {}
@@ -86,6 +87,18 @@ def oversized(label: str, env: dict[str, str], serve_args: list[str], sizes: lis
         return out
     finally:
         server.stop()
+
+
+def _older_plugin_env(checkout: Path, tmp: Path) -> dict[str, str]:
+    """PYTHONPATH that imports `fast_dvlm_sglang` from `checkout` in every process. The editable
+    install's import hook (a meta-path finder) would win over PYTHONPATH, so a sitecustomize
+    (run after site-packages' .pth files) removes it."""
+    shim = tmp / "older_plugin"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith('__editable__')]\n")
+    return {"PYTHONPATH": os.pathsep.join([str(checkout.resolve()), str(shim), os.environ.get("PYTHONPATH", "")])}
 
 
 def idle_cpu(sleep_on_idle: bool, logs: Path, seconds: float = 20.0) -> float:
@@ -130,9 +143,7 @@ def main() -> int:
         configs = [("default", {}, [], [5 * MB, 90 * MB]),
                    ("no_body_limit", {}, ["--max-request-bytes", "0"], [5 * MB, 90 * MB])]
         if args.before_checkout:
-            src = str(Path(args.before_checkout).resolve())
-            configs.insert(0, ("before", {"PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")},
-                               [], [5 * MB]))
+            configs.insert(0, ("before", _older_plugin_env(Path(args.before_checkout), logs), [], [5 * MB]))
         results = {label: oversized(label, env, serve_args, sizes, logs) for label, env, serve_args, sizes in configs}
         idle = {"sleep_on_idle": round(idle_cpu(True, logs), 3), "busy_poll": round(idle_cpu(False, logs), 3)}
         print("idle CPU s/s:", idle, flush=True)

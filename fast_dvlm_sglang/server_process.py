@@ -24,7 +24,8 @@ def free_port() -> int:
 class ServeProcess:
     def __init__(self, model: str | Path, algorithm: str, log: Path, *, max_running: int | None = None,
                  api_key: str | None = None, sglang_args: list[str] | None = None,
-                 env: dict[str, str] | None = None, serve_args: list[str] | None = None):
+                 env: dict[str, str] | None = None, serve_args: list[str] | None = None,
+                 cwd: Path | None = None):
         self.model, self.algorithm, self.api_key = str(model), algorithm, api_key
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -41,7 +42,7 @@ class ServeProcess:
         self.started = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "fast_dvlm_sglang.serve", *argv],
                                      stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+                                     env={**os.environ, **(env or {})}, start_new_session=True, cwd=cwd)
 
     @property
     def headers(self) -> dict[str, str]:

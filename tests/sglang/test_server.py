@@ -164,6 +164,14 @@ def test_bad_request_is_4xx_and_server_stays_healthy(servers, case):
     assert server.healthy()
 
 
+def test_ar_serves_n_choices(servers):
+    """`n > 1` is refused by the dLLM algorithms only (one choice per request); AR is SGLang's own."""
+    server = servers["ar"]
+    r = server.client().chat.completions.create(model=server.model, messages=_messages(image_url()), n=2,
+                                                max_tokens=8, temperature=1.0)
+    assert [c.index for c in r.choices] == [0, 1]
+
+
 def test_api_key_enforced(servers):
     server = servers["mdm"]
     body = {"model": server.model, "messages": _messages(image_url()), "max_tokens": 32}
