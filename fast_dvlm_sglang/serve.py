@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="images per request (0: no limit; default: %(default)s)")
     limits.add_argument("--max-image-pixels", type=int, default=ServingLimits.max_image_pixels,
                         help="pixels per decoded image, read from its header (0: no limit; default: %(default)s)")
+    limits.add_argument("--max-request-pixels", type=int, default=ServingLimits.max_request_pixels,
+                        help="pixels of all images of a request together (0: no limit; default: %(default)s)")
     limits.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                         help="read local media files (absolute paths or file:// URLs) inside DIR only "
                              "(default: no local files)")
@@ -163,7 +165,7 @@ def serving_limits(args: argparse.Namespace) -> ServingLimits:
         raise SystemExit("fast-dvlm serve: --allowed-image-hosts needs --allow-image-urls")
     try:
         return ServingLimits(max_request_bytes=args.max_request_bytes, max_images=args.max_images,
-                             max_image_pixels=args.max_image_pixels,
+                             max_image_pixels=args.max_image_pixels, max_request_pixels=args.max_request_pixels,
                              request_read_timeout_s=args.request_read_timeout,
                              allowed_local_media_path=args.allowed_local_media_path,
                              allow_media_urls=args.allow_image_urls).checked()

@@ -11,7 +11,10 @@ Defaults, and why:
   is counted as it arrives, before anything parses it (`http_guard.py`).
 - `max_images` 16 per request, `max_image_pixels` 16.8 M (4096 x 4096) per decoded image: Qwen2.5-VL
   resizes to at most 12.8 M pixels anyway, so nothing useful is lost, and a decompression bomb
-  (a tiny PNG that decodes to gigabytes) is refused from its header (`media_policy.py`).
+  (a tiny PNG that decodes to gigabytes) is refused from its header (`media_policy.py`);
+  `max_request_pixels` 67 M (four such images) for all images of a request together, about 200 MB
+  decoded as RGB (sixteen 1080p camera frames are 33 M). Images fetched from URLs are checked one
+  by one where SGLang decodes them (their size is unknown before).
 - `request_read_timeout_s` 60: the whole body must arrive within it (408 otherwise), so a slow
   upload cannot hold a connection and its buffer for ever.
 - media sources: `data:` URLs only. `allowed_local_media_path` DIR admits files inside DIR;
@@ -29,6 +32,7 @@ ENV = {
     "max_request_bytes": "FAST_DVLM_MAX_REQUEST_BYTES",
     "max_images": "FAST_DVLM_MAX_IMAGES",
     "max_image_pixels": "FAST_DVLM_MAX_IMAGE_PIXELS",
+    "max_request_pixels": "FAST_DVLM_MAX_REQUEST_PIXELS",
     "allowed_local_media_path": "FAST_DVLM_ALLOWED_LOCAL_MEDIA_PATH",
     "allow_media_urls": "FAST_DVLM_ALLOW_MEDIA_URLS",
     "request_read_timeout_s": "FAST_DVLM_REQUEST_READ_TIMEOUT_S",
@@ -40,6 +44,7 @@ class ServingLimits:
     max_request_bytes: int = 32 * 1024 * 1024  # 0: no limit (for all three)
     max_images: int = 16
     max_image_pixels: int = 4096 * 4096
+    max_request_pixels: int = 4 * 4096 * 4096
     allowed_local_media_path: str | None = None  # a resolved directory
     allow_media_urls: bool = False
     request_read_timeout_s: float = 60.0  # the whole body must arrive within this
@@ -79,7 +84,7 @@ class ServingLimits:
         return cls(**kwargs).checked()
 
     def checked(self) -> ServingLimits:
-        for name in ("max_request_bytes", "max_images", "max_image_pixels"):
+        for name in ("max_request_bytes", "max_images", "max_image_pixels", "max_request_pixels"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.request_read_timeout_s > 0:

@@ -183,6 +183,28 @@ def check_media_item(item, modality: str = "image", limits: ServingLimits | None
     return url_error(source, limits)
 
 
+def image_pixels(item) -> int:
+    """Pixels of an image the request carries (data URL, base64 or an allowed local file; read from
+    its header), 0 where unknown before SGLang fetches it (a URL). Call after `check_media_item`."""
+    from PIL import Image
+
+    source = media_source(item)
+    if source is None:
+        return 0
+    kind = _kind(source)
+    try:
+        if kind == "file":
+            with Image.open(_local_path(source)) as img:
+                return img.size[0] * img.size[1]
+        if kind in ("data", "base64"):
+            raw = base64.b64decode(source.partition(",")[2] if kind == "data" else source)
+            with Image.open(io.BytesIO(raw)) as img:
+                return img.size[0] * img.size[1]
+    except Exception:
+        return 0
+    return 0
+
+
 # ---- hooks where SGLang fetches and decodes (listed in `hooks.HOOK_TARGETS`) -----------------------
 def assert_media_url_allowed(original, url):
     """Every URL SGLang is about to fetch, redirects included: SGLang's domain check, then ours."""

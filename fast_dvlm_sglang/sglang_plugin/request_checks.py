@@ -27,7 +27,7 @@ from functools import cache
 from fast_dvlm_sglang.config import ARCHITECTURE
 
 from .limits import current
-from .media_policy import check_media_item
+from .media_policy import check_media_item, image_pixels
 
 # A token never covers more than its longest vocabulary string; Unicode normalization (NFC) can
 # merge up to a few characters into one, hence the margin. Refusing above this bound is exact.
@@ -200,6 +200,11 @@ def generate_request_error(tokenizer_manager, obj) -> str | None:
             error = check_media_item(item, modality, limits)
             if error:
                 return error
+        if modality == "image" and limits.max_request_pixels and len(items) > 1:
+            total = sum(image_pixels(item) for item in items)
+            if total > limits.max_request_pixels:
+                return (f"The request's images have {total} pixels in all; this server decodes at most "
+                        f"{limits.max_request_pixels} per request (--max-request-pixels).")
     if obj.input_ids is not None:
         error = _ids_error(obj.input_ids, tokenizer_manager.model_config.vocab_size)
         if error:

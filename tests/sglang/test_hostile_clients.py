@@ -31,6 +31,7 @@ from fast_dvlm_sglang.http_probe import post_raw, tree_rss  # noqa: E402
 from fast_dvlm_sglang.server_process import ServeProcess  # noqa: E402
 
 MAX_IMAGES = 4
+MAX_REQUEST_PIXELS = 10_000  # three 56 x 56 test images fit (9408), four do not
 READ_TIMEOUT_S = 3
 MIB = 1024 * 1024
 DEFAULT_MAX_BYTES = 32 * MIB  # `limits.ServingLimits.max_request_bytes`
@@ -113,7 +114,8 @@ def server(media_dir, tmp_path_factory):
     srv = ServeProcess(DEMO_CHECKPOINT, "spec", log, max_running=16,
                        serve_args=["--served-model-name", "demo", "--allowed-local-media-path", str(media_dir),
                                    "--allow-image-urls", "--allowed-image-hosts", "127.0.0.1",
-                                   "--max-images", str(MAX_IMAGES), "--request-read-timeout", str(READ_TIMEOUT_S)],
+                                   "--max-images", str(MAX_IMAGES), "--max-request-pixels", str(MAX_REQUEST_PIXELS),
+                                   "--request-read-timeout", str(READ_TIMEOUT_S)],
                        sglang_args=["--enable-metrics"])
     try:
         srv.wait_ready()
@@ -254,6 +256,13 @@ def _still(server, name: str, seconds: float) -> bool:
 def test_image_count_is_capped(server, baseline):
     r = post(server, "/v1/chat/completions", chat([image_url(c) for c in ("red", "blue", "green", "black", "gray")]))
     assert_refused(r, 400, "5 images", str(MAX_IMAGES), "--max-images")
+
+
+def test_pixels_of_all_images_together_are_capped(server, baseline, media_dir):
+    three = [image_url("red"), image_url("blue").split(",", 1)[1], str(media_dir / "red.png")]  # data, base64, file
+    assert post(server, "/v1/chat/completions", chat(three)).status_code == 200
+    r = post(server, "/v1/chat/completions", chat([*three, image_url("green")]))
+    assert_refused(r, 400, "12544 pixels", "--max-request-pixels")
 
 
 @pytest.mark.parametrize("width,height", [(6000, 6000), (20000, 20000)], ids=["over_limit", "pil_bomb"])

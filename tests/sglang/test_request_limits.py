@@ -281,7 +281,8 @@ def test_allow_listed_hosts_skip_the_address_rule(monkeypatch):
 
 # ---- limits from the environment ------------------------------------------------------------------
 def test_limits_round_trip_through_the_environment(tmp_path):
-    limits = ServingLimits(max_request_bytes=123, max_images=2, max_image_pixels=99, allow_media_urls=True,
+    limits = ServingLimits(max_request_bytes=123, max_images=2, max_image_pixels=99, max_request_pixels=7,
+                           allow_media_urls=True,
                            allowed_local_media_path=str(tmp_path), request_read_timeout_s=2.5).checked()
     assert ServingLimits.from_env(limits.env()) == limits
     assert ServingLimits.from_env({}) == ServingLimits()
