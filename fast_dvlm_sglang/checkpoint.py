@@ -74,8 +74,9 @@ def read_raw_tensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_state_dict(model_dir: str | Path, cfg: FastDVLMConfig) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors under the reference model's names, checked against `cfg`."""
+def load_state_dict(model_dir: str | Path, cfg: FastDVLMConfig, model=None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under the reference model's names, checked against `cfg` (and
+    against `model`'s parameters when given: an FP8 model has `weight_scale`s)."""
     from .model import FastDVLMForConditionalGeneration
 
     state: dict[str, torch.Tensor] = {}
@@ -87,8 +88,10 @@ def load_state_dict(model_dir: str | Path, cfg: FastDVLMConfig) -> dict[str, tor
     embed = "model.language_model.embed_tokens.weight"
     if cfg.text.tie_word_embeddings:
         state.setdefault("lm_head.weight", state.get(embed))
-    with torch.device("meta"):
-        expected = FastDVLMForConditionalGeneration(cfg).state_dict()
+    if model is None:
+        with torch.device("meta"):
+            model = FastDVLMForConditionalGeneration(cfg)
+    expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:

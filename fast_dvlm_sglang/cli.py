@@ -1,4 +1,4 @@
-"""`fast-dvlm`: make-tiny, generate, eval-demo, serve.
+"""`fast-dvlm`: make-tiny, generate, eval-demo, quantize, serve.
 
 Errors the user can fix (bad paths, bad images, bad flags) print one line `error: ...` and exit
 with status 2; nothing else is caught, so real bugs keep their traceback.
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", action="store_true")
 
+    sub.add_parser("quantize", help="SmoothQuant + W8A8 FP8 to a compressed-tensors checkpoint "
+                                    "(arguments: fast-dvlm quantize --help)", add_help=False)
     sub.add_parser("serve", help="serve through SGLang's OpenAI server (arguments: fast-dvlm serve --help)",
                    add_help=False)
     return parser
@@ -146,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         from .serve import serve_main
 
         return serve_main(argv[1:])
+    if argv and argv[0] == "quantize":
+        from .quantize.export import quantize_main
+
+        return quantize_main(argv[1:])
     args = build_parser().parse_args(argv)
     import transformers
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import FastDVLMConfig, TextConfig
+from .config import CheckpointError, FastDVLMConfig, TextConfig
 from .kv_cache import KVCache
 
 
@@ -162,13 +162,28 @@ class FastDVLMForConditionalGeneration(nn.Module):
         from .checkpoint import load_state_dict
 
         cfg = FastDVLMConfig.from_dir(model_dir)
+        return cls.from_state_dict(cfg, lambda model: load_state_dict(model_dir, cfg, model), dtype=dtype, device=device)
+
+    @classmethod
+    def from_state_dict(cls, cfg: FastDVLMConfig, state, *, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> FastDVLMForConditionalGeneration:
+        """The model of `cfg` holding `state` (tensors are adopted, not copied); `state` may be a
+        function of the empty model (`checkpoint.load_state_dict` checks keys against it)."""
         with torch.device("meta"):
             model = cls(cfg)
-        model.load_state_dict(load_state_dict(model_dir, cfg), strict=True, assign=True)
+            fp8 = _fp8_layout(model, cfg)
+        model.load_state_dict(state(model) if callable(state) else state, strict=True, assign=True)
         if cfg.text.tie_word_embeddings:
             model.lm_head.weight = model.model.language_model.embed_tokens.weight
         _rebuild_meta_buffers(model)
-        return model.to(device=device, dtype=dtype).eval()
+        model = model.to(device=device)
+        if fp8:  # float8 weights and float32 scales keep their dtypes; the rest becomes `dtype`
+            for module in model.modules():
+                for name, param in module.named_parameters(recurse=False):
+                    if param.dtype != torch.float8_e4m3fn and name != "weight_scale":
+                        param.data = param.data.to(dtype)
+            return model.eval()
+        return model.to(dtype=dtype).eval()
 
     @property
     def device(self) -> torch.device:
@@ -231,6 +246,25 @@ def vision_kwargs(vision: dict) -> dict:
     if "in_chans" in vision:
         out.setdefault("in_channels", vision["in_chans"])
     return out
+
+
+def _fp8_layout(model: nn.Module, cfg: FastDVLMConfig) -> bool:
+    """A W8A8 FP8 checkpoint (`quantize/scheme.py`): its quantized linears become `FP8Linear`."""
+    from .quantize.scheme import (
+        UnsupportedQuantization,
+        quantization_config,
+        quantized_linear_names,
+        swap_in_fp8,
+    )
+
+    try:
+        qconfig = quantization_config(cfg.raw)
+    except UnsupportedQuantization as e:
+        raise CheckpointError(str(e)) from None
+    if qconfig is None:
+        return False
+    swap_in_fp8(model, quantized_linear_names(model, qconfig))
+    return True
 
 
 def _rebuild_meta_buffers(model: nn.Module) -> None:

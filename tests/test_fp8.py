@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fast_dvlm_sglang.quantize.fp8 import (
     FP8_DTYPE,
     FP8_MAX,

@@ -6,12 +6,12 @@ import dataclasses
 
 import pytest
 import torch
-from fast_dvlm_sglang.quantize.footprint import language_tower_bytes
-from fast_dvlm_sglang.quantize.fp8 import FP8Linear
 
 from fast_dvlm_sglang.config import FastDVLMConfig
 from fast_dvlm_sglang.demo import DEMO_CHECKPOINT
 from fast_dvlm_sglang.model import TextModel
+from fast_dvlm_sglang.quantize.footprint import language_tower_bytes
+from fast_dvlm_sglang.quantize.fp8 import FP8Linear
 
 
 def _measured(cfg, fp8: bool) -> tuple[int, int]:

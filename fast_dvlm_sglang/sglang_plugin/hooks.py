@@ -19,6 +19,7 @@ _PC = "fast_dvlm_sglang.sglang_plugin.prefix_cache"
 _HG = "fast_dvlm_sglang.sglang_plugin.http_guard"
 _RC = "fast_dvlm_sglang.sglang_plugin.request_checks"
 _MP = "fast_dvlm_sglang.sglang_plugin.media_policy"
+_F8 = "fast_dvlm_sglang.sglang_plugin.fp8_cpu"
 
 HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
     # Block size / mask id for our architecture (SGLang's table is hard-coded per architecture).
@@ -82,6 +83,14 @@ HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
      f"{_RC}:after_validate_chat_request", "AFTER"),
     ("sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._validate_request",
      f"{_RC}:after_validate_completion_request", "AFTER"),
+    # W8A8 FP8 checkpoints (`fast-dvlm quantize`) on a host without CUDA (`fp8_cpu.py`): the
+    # scheme without a CUDA capability query, float32 activations, the reference's fp8_linear.
+    ("sglang.srt.layers.quantization.compressed_tensors.compressed_tensors.CompressedTensorsConfig"
+     "._check_scheme_supported", f"{_F8}:check_scheme_supported", "AROUND"),
+    ("sglang.srt.layers.quantization.compressed_tensors.compressed_tensors.CompressedTensorsConfig"
+     ".get_supported_act_dtypes", f"{_F8}:supported_act_dtypes", "AROUND"),
+    ("sglang.srt.layers.quantization.compressed_tensors.schemes.compressed_tensors_w8a8_fp8"
+     ".CompressedTensorsW8A8Fp8.apply_weights", f"{_F8}:apply_weights", "AROUND"),
     # Media sources and sizes where SGLang fetches and decodes (`media_policy.py`): every
     # redirect hop's address, every decoded image's pixel count.
     ("sglang.srt.utils.common._assert_media_url_allowed", f"{_MP}:assert_media_url_allowed", "AROUND"),
