@@ -1,12 +1,11 @@
 """`fast-dvlm quantize`: SmoothQuant + W8A8 FP8 through llmcompressor, to a compressed-tensors checkpoint.
 
     fast-dvlm quantize --model SRC --out DST [--scheme w8a8-fp8] [--smoothquant-alpha 0.5]
-        [--calib-data demo|PATH] [--calib-samples N] [--calib-modes causal,draft] [--max-seq-len L]
+        [--calib-data demo|PATH] [--calib-samples N] [--calib-modes causal[,draft]] [--max-seq-len L]
         [--force] [--json]
 
 1. load SRC (`demo`, a directory in either key layout, or a cached HF id) in float32;
-2. run llmcompressor's `oneshot` on calibration forwards of both attention modes
-   (`calibration.py`) with the recipe of `recipe.py`;
+2. run llmcompressor's `oneshot` on calibration forwards (`calibration.py`: causal by default) with the recipe of `recipe.py`;
 3. compress (compressed-tensors' `ModelCompressor`: float8 weights, float32 per-channel scales);
 4. write DST atomically (a temp dir beside it, then one rename): weights, config.json with
    `quantization_config`, the tokenizer, chat template, processor and generation config, and
@@ -41,6 +40,31 @@ from .scheme import SCHEMES, quantization_config
 # Files of the source checkpoint that are not carried over (weights are rewritten, the rest is the
 # tokenizer, chat template, processor and generation config).
 NOT_CARRIED = {"config.json", WEIGHTS_NAME, "model.safetensors.index.json", "quantization_report.json"}
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _carried(path: Path) -> bool:
+    return path.is_file() and path.name not in NOT_CARRIED and path.suffix != ".safetensors"
+
+
+def source_dtype(model_dir) -> torch.dtype:
+    """The precision of the source's weights (what everything FP8 does not quantize keeps)."""
+    from safetensors import safe_open
+
+    from fast_dvlm_sglang.checkpoint import weight_files
+
+    for file in weight_files(model_dir):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if "embed_tokens" in key:
+                    return _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype(), torch.float32)
+    return torch.float32
+
+
+def _in_source_precision(state: dict, dtype: torch.dtype) -> dict:
+    """Calibration ran in float32; what is not float8 (and not a scale) goes back to `dtype`."""
+    return {k: v if v.dtype == torch.float8_e4m3fn or k.endswith("_scale") or not v.is_floating_point()
+            else v.to(dtype) for k, v in state.items()}
 
 
 class QuantizeError(ValueError):
@@ -69,6 +93,12 @@ class _OneshotModel(FastDVLMForConditionalGeneration):
         h = self.embed(input_ids, pixel_values, image_grid_thw)
         positions = self.rope_positions(input_ids, image_grid_thw)
         return super().forward(h, positions, attention_mask)
+
+    def get_input_embeddings(self):  # oneshot checks that no embedding is quantized
+        return self.model.language_model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
 
     def save_pretrained(self, *args, **kwargs):  # oneshot wraps it; we save with ModelCompressor
         raise NotImplementedError("save a quantized Fast-dVLM with fast_dvlm_sglang.quantize.export")
@@ -124,7 +154,7 @@ def check_args(args) -> Path:
 
 
 def quantize(model: str, out: str | Path, *, scheme: str = "w8a8-fp8", alpha: float = 0.5, calib_data: str = "demo",
-             calib_samples: int = 64, calib_modes=calibration.MODES, max_seq_len: int = 2048,
+             calib_samples: int = 64, calib_modes=calibration.DEFAULT_MODES, max_seq_len: int = 2048,
              held_out: int = 8, progress: bool = True) -> dict:
     """Quantize `model` into `out` (replaced atomically); returns the report."""
     from compressed_tensors import ModelCompressor
@@ -139,7 +169,7 @@ def quantize(model: str, out: str | Path, *, scheme: str = "w8a8-fp8", alpha: fl
     processor = load_processor(model_dir)
     calib = calibration.samples(processor, cfg, calib_data, calib_samples, modes=calib_modes, max_seq_len=max_seq_len)
     held = calibration.samples(processor, cfg, "demo" if calib_data == "demo" else calib_data, held_out,
-                               max_seq_len=max_seq_len, seed=calibration.HELD_OUT_SEED)
+                               modes=calibration.MODES, max_seq_len=max_seq_len, seed=calibration.HELD_OUT_SEED)
     if calib_data != "demo":  # a file has no seeds: hold out its last records instead
         held = held[-2 * held_out:]
 
@@ -156,13 +186,14 @@ def quantize(model: str, out: str | Path, *, scheme: str = "w8a8-fp8", alpha: fl
     config = _quantization_config_json(compressor, dict(cfg.raw))
     del net
 
+    state = _in_source_precision(state, source_dtype(model_dir))
     fp8_model = report.model_from_state(config, model_dir, state)
     rep = report.build(source_logits, fp8_model, held, weight_errors, scheme=scheme, alpha=alpha,
                        calib_data=calib_data, calib_samples=len(calib), calib_modes=list(calib_modes),
                        calibrate_s=calibrate_s)
     rep["seconds"] = round(time.perf_counter() - start, 1)
     rep["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    extra = {p.name: p.read_bytes() for p in Path(model_dir).iterdir() if p.is_file() and p.name not in NOT_CARRIED}
+    extra = {p.name: p.read_bytes() for p in Path(model_dir).iterdir() if _carried(p)}
     extra["quantization_report.json"] = json.dumps(rep, indent=2) + "\n"
     save_checkpoint(state, config, out, extra_files=extra)
     return rep
@@ -176,8 +207,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--smoothquant-alpha", type=float, default=0.5, help="SmoothQuant strength in [0, 1]")
     p.add_argument("--calib-data", default="demo", help="'demo' or a JSONL file / directory of {image, prompt[, answer]}")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration records (each gives one forward per mode)")
-    p.add_argument("--calib-modes", default="causal,draft",
-                   help="attention modes calibrated: causal (prefill/verify) and draft (block-bidirectional)")
+    p.add_argument("--calib-modes", default=",".join(calibration.DEFAULT_MODES),
+                   help="attention modes calibrated: causal (prefill/verify) and/or draft (block-bidirectional); "
+                        "default causal (measured: see calibration.py)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="longest calibration forward, in tokens")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -185,7 +217,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def quantize_main(argv: list[str]) -> int:
+    import os
+
+    import transformers
+
     args = _parser().parse_args(argv)
+    # llmcompressor logs every smoothing step at INFO and advises (WARNING) a GPU and its
+    # sequential pipeline, which do not apply here; transformers warns about our config class.
+    # Keep the console to our own lines and errors (LLM_COMPRESSOR_LOG_LEVEL set by a user wins).
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
+    transformers.logging.set_verbosity_error()
     try:
         out = check_args(args)
         rep = quantize(args.model, out, scheme=args.scheme, alpha=args.smoothquant_alpha, calib_data=args.calib_data,

@@ -94,7 +94,7 @@ def test_smoothing_is_an_identity_and_touches_exactly_the_mapped_tensors():
                           "self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.gate_proj.weight",
                           "mlp.up_proj.weight", "mlp.down_proj.weight")}
     assert changed == expected
-    held = calibration.samples(proc, source.config, "demo", 4, seed=calibration.HELD_OUT_SEED)
+    held = calibration.samples(proc, source.config, "demo", 4, modes=calibration.MODES, seed=calibration.HELD_OUT_SEED)
     from fast_dvlm_sglang.quantize.report import logits
 
     for a, b in zip(logits(source, held), logits(smoothed, held)):
@@ -168,15 +168,16 @@ def _cli(*argv) -> tuple[int, str]:
     (["--calib-data", "/no/such/calib.jsonl"], "no such file"),
 ], ids=["missing_model", "scheme", "alpha_high", "alpha_low", "samples", "modes", "empty_calib", "bad_json",
         "missing_image", "missing_calib"])
-def test_bad_arguments_are_one_line_errors(tmp_path, argv, message):
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "hi"}\nnot json\n')
     (tmp_path / "img.jsonl").write_text('{"prompt": "hi", "image": "nope.png"}\n')
     files = {"{empty}": tmp_path / "empty.jsonl", "{bad_json}": tmp_path / "bad.jsonl",
              "{missing_image}": tmp_path / "img.jsonl"}
     argv = [str(files.get(a, a)) for a in argv]
-    code, line = _cli("--out", str(tmp_path / "out"), *argv)
-    assert code == 2 and line.startswith("error: ") and message in line, line
+    code = quantize_main(["--out", str(tmp_path / "out"), *argv])  # in process: the CLI's own entry
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "out").exists()
 
 
