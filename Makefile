@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q --upgrade pip
 	# torch first and alone: on CPU machines pip.conf points at the CPU wheel.
 	$(VENV)/bin/pip install -q -c constraints.txt torch
-	$(VENV)/bin/pip install -q -c constraints.txt -e '.[quantize,dev]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[quantize,kernels,dev]'
 	touch $@
 
 venv-sglang: $(VENV_SGLANG)/.installed

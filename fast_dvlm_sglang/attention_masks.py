@@ -16,11 +16,30 @@ import torch
 def causal_mask(new: int, cached: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
     q = torch.arange(new, device=device)[:, None] + cached
     k = torch.arange(cached + new, device=device)[None, :]
-    return k <= q
+    return tag_mask(k <= q, CAUSAL)
 
 
 def block_bidirectional_mask(new: int, cached: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
-    return torch.ones(new, cached + new, dtype=torch.bool, device=device)
+    return tag_mask(torch.ones(new, cached + new, dtype=torch.bool, device=device), BLOCK_BIDIRECTIONAL)
+
+
+# The two structured patterns carry their name, so that the model can hand them to the attention
+# kernel (`kernels/block_attention.py`, which never materialises a mask) instead of reading the
+# tensor; a mask without a name (the training layout, a caller's own) always runs as given.
+CAUSAL = "causal"
+BLOCK_BIDIRECTIONAL = "block_bidirectional"
+_KIND = "fast_dvlm_attention_kind"
+
+
+def tag_mask(mask: torch.Tensor, kind: str | None) -> torch.Tensor:
+    if kind is not None:
+        setattr(mask, _KIND, kind)
+    return mask
+
+
+def mask_kind(mask: torch.Tensor) -> str | None:
+    """`CAUSAL`, `BLOCK_BIDIRECTIONAL`, or None for any other mask."""
+    return getattr(mask, _KIND, None)
 
 
 def training_mask(clean_len: int, noisy_block_start: torch.Tensor, noisy_block_id: torch.Tensor) -> torch.Tensor:

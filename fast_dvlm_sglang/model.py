@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention_masks import CAUSAL, mask_kind, tag_mask
 from .config import CheckpointError, FastDVLMConfig, TextConfig
 from .kv_cache import KVCache
 
@@ -71,6 +72,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    # Off: SDPA with the explicit mask (the oracle). On (`use_attention_kernel`): causal and
+    # block-bidirectional forwards run through our Triton kernel, as the server's backend does.
+    attention_kernel = False
+
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -98,6 +103,12 @@ class Attention(nn.Module):
             cache.append(layer, k, v)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        kind = mask_kind(mask)
+        if self.attention_kernel and kind is not None:
+            from .kernels.block_attention import dense_block_attention
+
+            out = dense_block_attention(q, k, v, causal=kind == CAUSAL)  # [b * t, heads, dim]
+            return self.o_proj(out.view(b, t, -1))
         groups = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -189,6 +200,14 @@ class FastDVLMForConditionalGeneration(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
+    def use_attention_kernel(self, enabled: bool = True) -> FastDVLMForConditionalGeneration:
+        """Run the text tower's causal and block-bidirectional attention through the Triton kernel
+        (`kernels/block_attention.py`; on a CPU only inside Triton's interpreter)."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.attention_kernel = enabled
+        return self
+
     # ---- inputs -------------------------------------------------------------------------------
     def embed(
         self,
@@ -227,7 +246,7 @@ class FastDVLMForConditionalGeneration(nn.Module):
         With `write_cache` the new keys/values are appended to `cache`.
         """
         if attention_mask.dim() == 2:
-            attention_mask = attention_mask[None, None]
+            attention_mask = tag_mask(attention_mask[None, None], mask_kind(attention_mask))
         h = self.model.language_model(inputs_embeds, position_ids, attention_mask, cache, write_cache)
         return self.lm_head(h)
 

@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="with --allow-image-urls: fetch from these hosts only (any address, loopback "
                              "included; SGLang's --allowed-media-domains)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--attention-backend", default=None, metavar="NAME",
+                   help="SGLang attention backend (default: torch_native on CPU; on CUDA flashinfer for mdm, "
+                        "triton for spec, SGLang's choice for ar). fast_dvlm_triton: our block-diffusion "
+                        "kernel (kernels/block_attention.py; on CPU through Triton's interpreter)")
     p.add_argument("--dry-run", action="store_true", help="print the SGLang command and exit")
     return p
 
@@ -96,10 +100,10 @@ def _has_cuda() -> bool:
         return False
 
 
-def cpu_flags() -> list[str]:
+def cpu_flags(attention_backend: str | None = None) -> list[str]:
     # --sleep-on-idle: an idle SGLang scheduler otherwise busy-polls a core, which on a CPU host
     # is a core taken from the model (it still wakes at once on a request: zmq poll).
-    return ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
+    return ["--device", "cpu", "--attention-backend", attention_backend or "torch_native", "--sampling-backend", "pytorch",
             "--dtype", "float32", "--disable-cuda-graph", "--mm-attention-backend", "sdpa",
             "--max-total-tokens", "8192", "--skip-server-warmup", "--tp-size", "1", "--sleep-on-idle"]
 
@@ -115,13 +119,13 @@ def _given(extra: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in extra)
 
 
-def cuda_flags(algorithm: str, extra: list[str]) -> list[str]:
+def cuda_flags(algorithm: str, extra: list[str], attention_backend: str | None = None) -> list[str]:
     """Device flags on CUDA, unless the raw SGLang args after `--` set them."""
     flags = []
     if not _given(extra, "--dtype"):
         # `--dtype auto` serves a float32 checkpoint (the demo) in float16; the model is bf16.
         flags += ["--dtype", "bfloat16"]
-    backend = CUDA_ATTENTION_BACKEND.get(algorithm)
+    backend = attention_backend or CUDA_ATTENTION_BACKEND.get(algorithm)
     if backend and not _given(extra, "--attention-backend"):
         flags += ["--attention-backend", backend]
     return flags
@@ -141,11 +145,11 @@ def build_command(args: argparse.Namespace, extra: list[str], algo_config: str |
         cmd += ["--max-running-requests", str(max_running)]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
-    device = args.device if args.device != "auto" else ("cuda" if _has_cuda() else "cpu")
+    device = _device(args)
     if device == "cpu":
-        cmd += cpu_flags()
+        cmd += cpu_flags(args.attention_backend)
     else:
-        cmd += cuda_flags(args.algorithm, extra)
+        cmd += cuda_flags(args.algorithm, extra, args.attention_backend)
     if args.algorithm == "mdm":
         cmd += ["--dllm-algorithm", "FastDVLMBlock"]
         if algo_config:
@@ -157,6 +161,29 @@ def build_command(args: argparse.Namespace, extra: list[str], algo_config: str |
     if args.allowed_image_hosts:
         cmd += ["--allowed-media-domains", *[h.strip() for h in args.allowed_image_hosts.split(",") if h.strip()]]
     return cmd + extra
+
+
+def _device(args: argparse.Namespace) -> str:
+    return args.device if args.device != "auto" else ("cuda" if _has_cuda() else "cpu")
+
+
+def last_value(cmd: list[str], flag: str) -> str | None:
+    """The value SGLang's argument parser keeps for `flag` (the last one given)."""
+    value = None
+    for i, a in enumerate(cmd):
+        if a == flag and i + 1 < len(cmd):
+            value = cmd[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def backend_env(cmd: list[str]) -> dict[str, str]:
+    """Environment the SGLang processes need for the chosen backend: our Triton kernel on a CPU
+    runs in Triton's interpreter, which must be on before SGLang first imports Triton."""
+    if last_value(cmd, "--device") == "cpu" and last_value(cmd, "--attention-backend") == "fast_dvlm_triton":
+        return {"TRITON_INTERPRET": "1"}
+    return {}
 
 
 def serving_limits(args: argparse.Namespace) -> ServingLimits:
@@ -213,6 +240,7 @@ def serve_main(argv: list[str]) -> int:
             with open(algo_config, "w") as f:
                 f.write(algo_yaml)
         cmd = build_command(args, extra, algo_config)
+        limits_env.update(backend_env(cmd))
         if args.dry_run:
             print(" ".join([*(f"{k}={v}" for k, v in sorted(limits_env.items())), *cmd]))
             return 0

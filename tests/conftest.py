@@ -1,8 +1,14 @@
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Our Triton kernels run on CPU tensors in Triton's interpreter; it must be on before the
+    # kernel modules are imported (triton.jit decides at decoration time).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

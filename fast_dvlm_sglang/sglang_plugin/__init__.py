@@ -3,7 +3,8 @@
 `register()` runs in every SGLang process (sglang/srt/plugins/__init__.py `load_plugins`). It is
 idempotent and cheap: it registers transformers' `fast_dvlm` config, our model class in SGLang's
 `ModelRegistry` (by SGLang's own `EntryClass` package scan), the `FastDVLMBlock` dLLM algorithm,
-the `FastDVLMSpeculative` algorithm, and the hooks listed in `hooks.HOOK_TARGETS` (the one
+the `FastDVLMSpeculative` algorithm, the `fast_dvlm_triton` attention backend (SGLang's attention
+registry and `--attention-backend` choices, `triton_attention.py`), and the hooks listed in `hooks.HOOK_TARGETS` (the one
 place that names every SGLang symbol the plugin changes). Importing this package does not import SGLang.
 """
 
@@ -36,6 +37,10 @@ def register() -> None:
     from .algorithm import FastDVLMBlock
 
     algo_name_to_cls.setdefault(ALGORITHM_NAME, FastDVLMBlock)
+
+    from .triton_attention import register_backend
+
+    register_backend()
 
     from .hooks import register_all
 

@@ -52,7 +52,7 @@ class FastDVLMBlock(DllmAlgorithm):
     # other (fa3, SGLang's default on Hopper, has no DLLM_EXTEND metadata) by the required one.
     # One attention mode per forward, so SGLang's single DLLM_EXTEND capture per batch size is
     # right on either GPU backend.
-    supported_attention_backends = ("flashinfer", "triton", "torch_native")
+    supported_attention_backends = ("flashinfer", "triton", "torch_native", "fast_dvlm_triton")
     required_attention_backend = "flashinfer"
 
     def __init__(self, config: DllmConfig):

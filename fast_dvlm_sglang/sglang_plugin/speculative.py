@@ -178,6 +178,9 @@ def round_layout(slots: list[int], prefix_lens: list[int]) -> tuple[list[int], l
 # first-captured (bidirectional) graph would keep its capture-time plan and draft over a wrong
 # slice of the context: outputs stay correct (the verify decides) but acceptance collapses.
 GRAPH_BACKEND = "triton"
+# Backends whose DLLM_EXTEND graph metadata is refreshed in place at every replay, so the draft's
+# and the verify's captures both read the current batch: SGLang's triton and ours.
+GRAPH_SAFE_BACKENDS = frozenset({GRAPH_BACKEND, "fast_dvlm_triton"})
 
 
 class FastDVLMSpeculative(DllmAlgorithm):
@@ -188,7 +191,7 @@ class FastDVLMSpeculative(DllmAlgorithm):
     # (arg_groups/overrides.py `_dllm_attention_backend`, before `configure_server_args`) keeps
     # these and replaces any other (fa3, SGLang's default on Hopper, has no DLLM_EXTEND
     # metadata) by the required one, the backend whose graphs are right for both passes.
-    supported_attention_backends = ("triton", "flashinfer", "torch_native")
+    supported_attention_backends = ("triton", "flashinfer", "torch_native", "fast_dvlm_triton")
     required_attention_backend = GRAPH_BACKEND
 
     def __init__(self, config: DllmConfig):
@@ -209,9 +212,10 @@ class FastDVLMSpeculative(DllmAlgorithm):
         if algorithm_config(view.dllm_algorithm_config).get("cuda_graph", False):
             # Two captures per batch size, bidirectional and causal (`attention_modes.py`).
             backends = {view.attention_backend, view.decode_attention_backend} - {None}
-            if backends != {GRAPH_BACKEND}:
+            if not backends or not backends <= GRAPH_SAFE_BACKENDS:
                 raise ValueError(
-                    f"{cls.__name__} with cuda_graph: true needs --attention-backend {GRAPH_BACKEND}, got "
+                    f"{cls.__name__} with cuda_graph: true needs --attention-backend {GRAPH_BACKEND} "
+                    f"(or fast_dvlm_triton), got "
                     f"{', '.join(sorted(map(str, backends))) or 'none'}: its draft and verify graphs must both "
                     "read the attention metadata refreshed at replay (flashinfer keeps one plan per capture "
                     "and would replay the draft with a stale one)"
