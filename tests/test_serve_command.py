@@ -202,3 +202,19 @@ def test_limit_misuse_is_a_one_line_error(tmp_path, argv, message):
     with pytest.raises(SystemExit) as e:
         serve.serve_main(["--model", str(tmp_path), "--device", "cpu", "--dry-run", *argv])
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("device,extra,interpret", [
+    ("cpu", ["--attention-backend", "fast_dvlm_triton"], True),
+    ("cpu", ["--", "--attention-backend=fast_dvlm_triton"], True),  # raw SGLang flag: the last one wins
+    ("cpu", [], False),
+    ("cuda", ["--attention-backend", "fast_dvlm_triton"], False),  # compiled on a GPU
+])
+def test_attention_backend_flag_and_the_interpreter(tmp_path, capsys, device, extra, interpret):
+    """`--attention-backend fast_dvlm_triton` reaches SGLang on either device; on a CPU the kernel
+    runs in Triton's interpreter, which the SGLang processes get from their environment."""
+    assert serve.serve_main(["--model", str(tmp_path), "--device", device, "--dry-run", *extra]) == 0
+    words = capsys.readouterr().out.split()
+    backend = serve.last_value(words, "--attention-backend")
+    assert backend == ("fast_dvlm_triton" if extra else "torch_native" if device == "cpu" else "triton")
+    assert ("TRITON_INTERPRET=1" in words) == interpret

@@ -198,15 +198,17 @@ def test_graph_runner_without_a_causal_capture_is_refused():
 # `_dllm_attention_backend`, then our `configure_server_args`, then its page-size pass) makes of
 # the attention backend left by the earlier passes (fa3: SGLang's default on Hopper) and decode
 # CUDA graphs on/off. (backend asked, graphs on) -> (backend served, graphs kept) or an error.
-MDM = {"flashinfer": "flashinfer", "fa3": "flashinfer", "triton": "triton", "torch_native": "torch_native"}
-SPEC = {"flashinfer": "flashinfer", "fa3": "triton", "triton": "triton", "torch_native": "torch_native"}
+MDM = {"flashinfer": "flashinfer", "fa3": "flashinfer", "triton": "triton", "torch_native": "torch_native",
+       "fast_dvlm_triton": "fast_dvlm_triton"}
+SPEC = {"flashinfer": "flashinfer", "fa3": "triton", "triton": "triton", "torch_native": "torch_native",
+        "fast_dvlm_triton": "fast_dvlm_triton"}
 RESOLUTION_CASES = (
     [("FastDVLMBlock", None, asked, graphs, MDM[asked], graphs) for asked in MDM for graphs in (True, False)]
     # spec runs its rounds eagerly unless it opted in to its two-capture graphs
     + [("FastDVLMSpeculative", None, asked, graphs, SPEC[asked], False) for asked in SPEC for graphs in (True, False)]
     + [("FastDVLMSpeculative", "cuda_graph: true\n", asked, False, SPEC[asked], False) for asked in SPEC]
     + [("FastDVLMSpeculative", "cuda_graph: true\n", asked, True, served, True)
-       for asked, served in (("fa3", "triton"), ("triton", "triton"))]
+       for asked, served in (("fa3", "triton"), ("triton", "triton"), ("fast_dvlm_triton", "fast_dvlm_triton"))]
     + [("FastDVLMSpeculative", "cuda_graph: true\n", asked, True, ValueError, None)
        for asked in ("flashinfer", "torch_native")]
 )
