@@ -13,7 +13,7 @@ compressed-tensors W8A8 FP8 linear method runs on CUDA):
 `fp8_linear` computes it with `torch._scaled_mm` where the device has it (CUDA SM89+, and CPU in
 torch >= 2.6), else with an emulation that multiplies the same float8 values in float32 (float8 x
 float8 products are exact in float32, so the two differ only in summation order). The Triton FP8
-GEMM (issue "Triton FP8 W8A8 GEMM") is checked against this file.
+GEMM (`kernels/fp8_gemm.py`) is checked against this file.
 """
 
 from __future__ import annotations
@@ -70,7 +70,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 class FP8Linear(torch.nn.Module):
     """A linear layer holding a float8 weight and its per-channel scale (compressed-tensors names:
-    `weight`, `weight_scale`); activations are quantized per token at every call."""
+    `weight`, `weight_scale`); activations are quantized per token at every call.
+
+    On CUDA the product runs in our Triton small-M GEMM (`kernels/fp8_gemm.py`, the same math,
+    tested against `fp8_linear`) unless `use_triton` is False; elsewhere `fp8_linear`."""
+
+    use_triton = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
         super().__init__()
@@ -92,6 +97,10 @@ class FP8Linear(torch.nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_triton and x.is_cuda:
+            from fast_dvlm_sglang.kernels.fp8_gemm import fp8_gemm
+
+            return fp8_gemm(x, self.weight, self.weight_scale, self.bias)
         return fp8_linear(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:

@@ -19,7 +19,7 @@ _PC = "fast_dvlm_sglang.sglang_plugin.prefix_cache"
 _HG = "fast_dvlm_sglang.sglang_plugin.http_guard"
 _RC = "fast_dvlm_sglang.sglang_plugin.request_checks"
 _MP = "fast_dvlm_sglang.sglang_plugin.media_policy"
-_F8 = "fast_dvlm_sglang.sglang_plugin.fp8_cpu"
+_F8 = "fast_dvlm_sglang.sglang_plugin.fp8_linear_method"
 
 HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
     # Block size / mask id for our architecture (SGLang's table is hard-coded per architecture).
@@ -83,8 +83,9 @@ HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
      f"{_RC}:after_validate_chat_request", "AFTER"),
     ("sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._validate_request",
      f"{_RC}:after_validate_completion_request", "AFTER"),
-    # W8A8 FP8 checkpoints (`fast-dvlm quantize`) on a host without CUDA (`fp8_cpu.py`): the
-    # scheme without a CUDA capability query, float32 activations, the reference's fp8_linear.
+    # W8A8 FP8 checkpoints (`fast-dvlm quantize`, `fp8_linear_method.py`): on a host without CUDA
+    # the scheme without a CUDA capability query, float32 activations, the reference's fp8_linear;
+    # on CUDA, small-M per-channel linears through our Triton GEMM (`kernels/fp8_gemm.py`).
     ("sglang.srt.layers.quantization.compressed_tensors.compressed_tensors.CompressedTensorsConfig"
      "._check_scheme_supported", f"{_F8}:check_scheme_supported", "AROUND"),
     ("sglang.srt.layers.quantization.compressed_tensors.compressed_tensors.CompressedTensorsConfig"

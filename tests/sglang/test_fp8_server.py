@@ -1,6 +1,6 @@
 """The FP8 demo model (`fast-dvlm quantize`) through the real SGLang server on CPU, against the
 reference FP8 decoders: SGLang's compressed-tensors W8A8 FP8 scheme with our CPU hooks
-(`sglang_plugin/fp8_cpu.py`) must compute what `quantize/fp8.py` computes.
+(`sglang_plugin/fp8_linear_method.py`) must compute what `quantize/fp8.py` computes.
 
 The checkpoint is written by the quantizer's own environment (`.venv`, which has llmcompressor;
 `make test` builds both environments)."""
@@ -55,7 +55,7 @@ def test_cpu_scheme_is_the_reference_computation():
     )
 
     from fast_dvlm_sglang.quantize.fp8 import fp8_linear, quantize_per_channel
-    from fast_dvlm_sglang.sglang_plugin import fp8_cpu
+    from fast_dvlm_sglang.sglang_plugin import fp8_linear_method
 
     weight_args = QuantizationArgs(num_bits=8, type="float", strategy="channel", symmetric=True, dynamic=False)
     scheme = CompressedTensorsW8A8Fp8(weight_quant=weight_args, is_static_input_scheme=False)
@@ -68,7 +68,7 @@ def test_cpu_scheme_is_the_reference_computation():
     layer.weight_scale.data.copy_(s)
     scheme.process_weights_after_loading(layer)
     x, bias = torch.randn(5, 48), torch.randn(32)
-    got = fp8_cpu.apply_weights(CompressedTensorsW8A8Fp8.apply_weights, scheme, layer, x, bias)
+    got = fp8_linear_method.apply_weights(CompressedTensorsW8A8Fp8.apply_weights, scheme, layer, x, bias)
     assert torch.equal(got, fp8_linear(x, q, s, bias))
 
 
