@@ -186,7 +186,9 @@ def _backend_class():
             elif mode.is_dllm_extend():
                 width = self.block_size
             else:
-                raise ValueError(f"{BACKEND_NAME}: no CUDA graph for forward mode {mode}")
+                # Full prefill captures need per-capture extend layouts this backend does not keep.
+                raise ValueError(f"--attention-backend {BACKEND_NAME} captures DECODE and DLLM_EXTEND graphs only, "
+                                 f"not {mode.name}: add --cuda-graph-backend-prefill=disabled")
             self.forward_metadata = self._fixed_width_inputs(forward_batch, width, self.graph)
 
         def get_cuda_graph_seq_len_fill_value(self):

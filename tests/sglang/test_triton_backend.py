@@ -199,6 +199,16 @@ def test_graph_capture_then_replay_reads_the_current_batch(backend):
             assert not torch.isnan(out).any()
 
 
+def test_full_prefill_graphs_are_refused_with_the_flag_to_use(backend):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    backend.init_cuda_graph_state(max_bs=2, max_num_tokens=16)
+    fb = SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=1, seq_lens=torch.ones(1, dtype=torch.int32),
+                         req_pool_indices=torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="--cuda-graph-backend-prefill=disabled"):
+        backend.init_forward_metadata_out_graph(fb, in_capture=True)
+
+
 def test_unsupported_layers_go_to_sglangs_code(backend):
     """Cross-attention, sliding windows and logit capping are not the kernel's: SGLang's
     torch_native code runs them."""
