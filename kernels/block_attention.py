@@ -274,7 +274,7 @@ def block_attention(
                                      config, q.device)
     part_o, part_lse = partials
     scale = sm_scale if sm_scale is not None else head_dim ** -0.5
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 exact; 16-bit inputs ignore it
+    precision = "ieee" if q.dtype == torch.float32 else None  # float32 stays float32 (no TF32)
     _block_attention_kernel[(batch * tiles, num_kv_heads, splits)](
         q, k_cache, v_cache, out, part_o, part_lse,
         req_to_token, req_pool_indices, q_start, q_lens, seq_lens, split_row,

@@ -137,6 +137,15 @@ def _splitk_epilogue_kernel(C, Part, ScaleA, ScaleB, Bias, M, N, stride_cm, stri
     tl.store(C + row * stride_cm + rn, y.to(C.dtype.element_ty), mask=n_ok)
 
 
+def supported(device) -> bool:
+    """float8 tensor-core dots: CUDA compute capability 8.9+ (Ada, Hopper, Blackwell); on a CPU the
+    interpreter runs it (tests)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def m_bucket(m: int) -> int:
     for b in M_BUCKETS:
         if m <= b:

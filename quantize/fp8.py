@@ -72,8 +72,8 @@ class FP8Linear(torch.nn.Module):
     """A linear layer holding a float8 weight and its per-channel scale (compressed-tensors names:
     `weight`, `weight_scale`); activations are quantized per token at every call.
 
-    On CUDA the product runs in our Triton small-M GEMM (`kernels/fp8_gemm.py`, the same math,
-    tested against `fp8_linear`) unless `use_triton` is False; elsewhere `fp8_linear`."""
+    On CUDA SM89+ the product runs in our Triton small-M GEMM (`kernels/fp8_gemm.py`, the same
+    math, tested against `fp8_linear`) unless `use_triton` is False; elsewhere `fp8_linear`."""
 
     use_triton = True
 
@@ -98,9 +98,10 @@ class FP8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_triton and x.is_cuda:
-            from fast_dvlm_sglang.kernels.fp8_gemm import fp8_gemm
+            from fast_dvlm_sglang.kernels import fp8_gemm
 
-            return fp8_gemm(x, self.weight, self.weight_scale, self.bias)
+            if fp8_gemm.supported(x.device):
+                return fp8_gemm.fp8_gemm(x, self.weight, self.weight_scale, self.bias)
         return fp8_linear(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:

@@ -73,7 +73,8 @@ def apply_weights(original, scheme, layer, x, bias=None):
 
         return fp8_linear(x, layer.weight.t(), layer.weight_scale, bias)
     if routes_to_triton(scheme, layer, x):
-        from fast_dvlm_sglang.kernels.fp8_gemm import fp8_gemm
+        from fast_dvlm_sglang.kernels import fp8_gemm
 
-        return fp8_gemm(x, layer.weight.t(), layer.weight_scale, bias)
+        if fp8_gemm.supported(x.device):  # SM89+ (older GPUs get SGLang's W8A16 scheme anyway)
+            return fp8_gemm.fp8_gemm(x, layer.weight.t(), layer.weight_scale, bias)
     return original(scheme, layer, x, bias)
