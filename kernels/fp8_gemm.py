@@ -141,9 +141,12 @@ def supported(device) -> bool:
     """float8 tensor-core dots: CUDA compute capability 8.9+ (Ada, Hopper, Blackwell); on a CPU the
     interpreter runs it (tests)."""
     device = torch.device(device)
-    if device.type != "cuda":
-        return True
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type != "cuda" or _capability(device.index) >= (8, 9)
+
+
+@lru_cache(maxsize=16)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def m_bucket(m: int) -> int:
@@ -172,13 +175,19 @@ def _table() -> dict:
 
 def config_for(m: int, n: int, k: int, device) -> GemmConfig:
     """The committed config of (M bucket, N, K) for this GPU, else the heuristic."""
-    if torch.device(device).type != "cuda":
+    device = torch.device(device)
+    return _config_for(m, n, k, device.type, device.index)
+
+
+@lru_cache(maxsize=4096)  # called per linear per forward: no driver query after the first
+def _config_for(m: int, n: int, k: int, device_type: str, index: int | None) -> GemmConfig:
+    if device_type != "cuda":
         return heuristic_config(m, n, k, num_sms=4)
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(index)
     entry = _table().get(name, {}).get(f"{m_bucket(m)}x{n}x{k}")
     if entry is not None:
         return GemmConfig(**entry)
-    return heuristic_config(m, n, k, torch.cuda.get_device_properties(device).multi_processor_count)
+    return heuristic_config(m, n, k, torch.cuda.get_device_properties(index).multi_processor_count)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,3 +258,4 @@ def write_config_table(device_name: str, configs: dict[str, GemmConfig], command
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     tmp.replace(CONFIG_TABLE)
     _table.cache_clear()
+    _config_for.cache_clear()
