@@ -133,17 +133,26 @@ def _backend_class():
                 bs = fb.batch_size
                 q_lens = torch.ones(bs, dtype=torch.int32, device=self.device)
                 q_start = torch.arange(bs, dtype=torch.int32, device=self.device)
-                seq_lens, max_q = fb.seq_lens.to(torch.int32), 1
+                seq_lens, max_q, tokens = fb.seq_lens.to(torch.int32), 1, bs
             elif fb.extend_seq_lens is not None:
                 q_lens = fb.extend_seq_lens.to(torch.int32)
                 seq_lens = (fb.extend_prefix_lens + fb.extend_seq_lens).to(torch.int32)
                 q_start = (fb.extend_start_loc.to(torch.int32) if fb.extend_start_loc is not None
                            else (torch.cumsum(q_lens, 0) - q_lens).to(torch.int32))
-                max_q = max(fb.extend_seq_lens_cpu) if fb.extend_seq_lens_cpu else int(q_lens.max())
+                lens_cpu = fb.extend_seq_lens_cpu or q_lens.tolist()
+                max_q, tokens = max(lens_cpu), sum(lens_cpu)
             else:  # a DLLM_EXTEND batch without extend lengths: full blocks
                 return self._fixed_width_inputs(fb, self.block_size, buffers=None)
             return KernelInputs(fb.req_pool_indices, q_start, q_lens, seq_lens,
-                                kernel.split_rows(q_lens, seq_lens, self.config), max_q, None)
+                                kernel.split_rows(q_lens, seq_lens, self.config), max_q,
+                                self._partials(tokens, q_lens.shape[0]))
+
+        def _partials(self, tokens: int, batch: int):
+            """Split-KV scratch for one forward, shared by its layers (None: no splitting)."""
+            if self.config.max_splits <= 1:
+                return None
+            rows = kernel.partial_rows_bound(tokens, batch, self.config)
+            return kernel.allocate_partials(rows, self.num_q_heads, self.v_head_dim, self.config, self.device)
 
         def _fixed_width_inputs(self, fb, width: int, buffers) -> KernelInputs:
             """DECODE (width 1) and DLLM_EXTEND (width = block size) batches: every request brings
@@ -158,7 +167,7 @@ def _backend_class():
             split_row = kernel.split_rows(q_lens, seq, self.config)
             req = fb.req_pool_indices[:bs]
             if buffers is None:
-                return KernelInputs(req, q_start, q_lens, seq, split_row, width, None)
+                return KernelInputs(req, q_start, q_lens, seq, split_row, width, self._partials(bs * width, bs))
             b = buffers
             b["req_pool_indices"][:bs].copy_(req)
             b["q_start"][:bs].copy_(q_start)

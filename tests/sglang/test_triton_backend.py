@@ -62,15 +62,21 @@ class _Runner:
         return BLOCK
 
 
-@pytest.fixture
-def backend(monkeypatch):
+@pytest.fixture(params=["unsplit", "split"])
+def backend(monkeypatch, request):
+    """The backend as SGLang builds it; `split`: with the GPU's split-KV path forced on at test
+    sizes (the CPU default does not split), so its per-forward and graph scratch are exercised."""
     import sglang.srt.runtime_context as rc
 
+    from fast_dvlm_sglang.kernels.block_attention import BlockAttentionConfig
     from fast_dvlm_sglang.sglang_plugin.triton_attention import create_backend
 
     monkeypatch.setattr(rc, "get_exec", lambda: SimpleNamespace(dllm=SimpleNamespace(dllm_algorithm="FastDVLMBlock")))
     monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
-    return create_backend(_Runner())
+    made = create_backend(_Runner())
+    if request.param == "split":
+        made.config = BlockAttentionConfig(block_n=16, max_splits=4, min_split_keys=8, max_split_query=BLOCK)
+    return made
 
 
 def _layers():
