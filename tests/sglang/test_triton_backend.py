@@ -248,17 +248,13 @@ def test_fp8_kv_cache_is_refused(monkeypatch):
 
 
 # ---- the real server ---------------------------------------------------------------------------
-PROMPTS = [("What shape is in the image?", ("red", "ellipse")), ("the blue square is big", None),
-           ("What shape is in the image?", ("green", "rectangle")), ("Name three colours", None)]
-MAX_TOKENS = 20
-
-
 @pytest.fixture(scope="module")
-def triton_servers(tiny_checkpoints, tmp_path_factory):
+def triton_servers(tmp_path_factory):
+    from fast_dvlm_sglang.demo import DEMO_CHECKPOINT
     from fast_dvlm_sglang.server_process import ServeProcess
 
     logs = tmp_path_factory.mktemp("triton_logs")
-    servers = {a: ServeProcess(tiny_checkpoints["new"], a, logs / f"{a}.log", max_running=4,
+    servers = {a: ServeProcess(DEMO_CHECKPOINT, a, logs / f"{a}.log", max_running=4,
                                serve_args=["--attention-backend", "fast_dvlm_triton"],
                                sglang_args=["--disable-overlap-schedule"] if a == "ar" else None)
                for a in ("ar", "mdm", "spec")}
@@ -272,27 +268,27 @@ def triton_servers(tiny_checkpoints, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_server_answers_equal_the_reference(triton_servers, tiny_checkpoints):
-    """ar and mdm token for token equal to the reference decoders, spec equal to reference AR up
-    to a near tie (tests/sglang/tie_aware_server.py), four concurrent requests per server."""
-    from sglang_helpers import generate, image_url
-    from test_spec_server import Reference
+def test_server_answers_equal_the_reference(triton_servers):
+    """The demo model served through the kernel (Triton's interpreter): four concurrent held-out
+    prompts per server (three with images, one text only; 2 to 31 new tokens); ar and mdm token for token equal to
+    the reference decoders, which the torch_native server equals too (tests/sglang/test_server.py,
+    test_spec_server.py); spec equal to reference AR up to a near tie."""
+    from sglang_helpers import generate
+    from test_spec_server import Reference, _demo_prompts
 
-    ref = Reference(tiny_checkpoints["new"])
-    convs = []
-    for text, look in PROMPTS:
-        url = image_url(*look) if look else None
-        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}] if url else text
-        convs.append(([{"role": "user", "content": content}], url))
+    from fast_dvlm_sglang.demo import DEMO_CHECKPOINT
+
+    ref = Reference(DEMO_CHECKPOINT)
+    convs = _demo_prompts()[1:4] + [([{"role": "user", "content": "What shape is in the image?"}], None, 24)]
     assert "fast_dvlm_triton" in triton_servers["spec"].log.read_text()
     for algorithm, server in triton_servers.items():
         def answer(conv, server=server):
-            return generate(server, ref.text(conv[0]), image=conv[1], max_new_tokens=MAX_TOKENS)["output_ids"]
+            return generate(server, ref.text(conv[0]), image=conv[1], max_new_tokens=conv[2])["output_ids"]
 
         with cf.ThreadPoolExecutor(len(convs)) as pool:
             got = list(pool.map(answer, convs))
-        for (msgs, url), ids in zip(convs, got):
+        for (msgs, url, n), ids in zip(convs, got):
             if algorithm == "spec":
-                ref.tie_check.check(msgs, ref.ar(msgs, MAX_TOKENS), ids, f"spec, image {url is not None}")
+                ref.tie_check.check(msgs, ref.ar(msgs, n), ids, f"spec, image {url is not None}, {n} tokens")
             else:
-                assert ids == ref.run(msgs, MAX_TOKENS, algorithm=algorithm).token_ids, (algorithm, url is not None)
+                assert ids == ref.run(msgs, n, algorithm=algorithm).token_ids, (algorithm, url is not None, n)
