@@ -68,13 +68,13 @@ def apply_weights(original, scheme, layer, x, bias=None):
         return original(scheme, layer, x, bias)
     # process_weights_after_loading stored the weight transposed ([in, out] view of the
     # checkpoint's [out, in]); `.t()` is the checkpoint layout again, without a copy.
-    if x.device.type == "cpu":
-        from fast_dvlm_sglang.quantize.fp8 import fp8_linear
-
-        return fp8_linear(x, layer.weight.t(), layer.weight_scale, bias)
-    if routes_to_triton(scheme, layer, x):
+    if routes_to_triton(scheme, layer, x):  # CUDA tensors only
         from fast_dvlm_sglang.kernels import fp8_gemm
 
         if fp8_gemm.supported(x.device):  # SM89+ (older GPUs get SGLang's W8A16 scheme anyway)
             return fp8_gemm.fp8_gemm(x, layer.weight.t(), layer.weight_scale, bias)
+    if x.device.type == "cpu":
+        from fast_dvlm_sglang.quantize.fp8 import fp8_linear
+
+        return fp8_linear(x, layer.weight.t(), layer.weight_scale, bias)
     return original(scheme, layer, x, bias)

@@ -102,3 +102,26 @@ def test_cuda_route_only_for_what_the_kernel_computes(monkeypatch):
     monkeypatch.setenv("FAST_DVLM_FP8_GEMM_MAX_M", "many")
     with pytest.raises(ValueError, match="must be an integer"):
         fp8_linear_method.max_m()
+
+
+def test_cuda_route_calls_the_triton_gemm_with_the_checkpoint_layout(monkeypatch):
+    """The CUDA branch of the hook, with the routing decision and the device check spied (no GPU
+    here): the Triton GEMM gets the checkpoint's [N, K] weight (SGLang's view transposed back),
+    the scale and the bias; a call that does not route reaches SGLang's own apply_weights."""
+    from fast_dvlm_sglang.kernels import fp8_gemm
+    from fast_dvlm_sglang.sglang_plugin import fp8_linear_method
+
+    scheme, layer, q, s = _scheme_and_layer()
+    x, bias = torch.randn(4, 48), torch.randn(32)
+    calls = []
+    monkeypatch.setattr(fp8_linear_method, "routes_to_triton", lambda *a: True)
+    monkeypatch.setattr(fp8_gemm, "supported", lambda device: True)
+    monkeypatch.setattr(fp8_gemm, "fp8_gemm", lambda *a: calls.append(a) or "triton")
+    sglang = lambda *a: "sglang"  # noqa: E731
+    assert fp8_linear_method.apply_weights(sglang, scheme, layer, x, bias) == "triton"
+    (got_x, weight, scale, got_bias), = calls
+    assert got_x is x and got_bias is bias and scale is layer.weight_scale
+    assert torch.equal(weight.view(torch.uint8), q.view(torch.uint8)) and weight.shape == (32, 48)
+    monkeypatch.setattr(fp8_gemm, "supported", lambda device: False)  # pre-SM89: SGLang's scheme
+    x_cuda_like = x.to("meta")  # neither CPU nor routed: SGLang's own path
+    assert fp8_linear_method.apply_weights(sglang, scheme, layer, x_cuda_like, bias) == "sglang"
