@@ -30,7 +30,11 @@ $(VENV_SGLANG)/.installed: pyproject.toml constraints-sglang.txt
 	$(VENV_SGLANG)/bin/pip install -q -c constraints-sglang.txt -e '.[sglang,dev]'
 	touch $@
 
-test: test-core test-sglang
+# The core suite runs while SGLang's environment installs (pip is mostly unpacking and disk,
+# the suite is CPU), then the SGLang suite. -O keeps each job's output in one piece.
+test: venv
+	$(MAKE) --no-print-directory -j2 -O test-core venv-sglang
+	$(MAKE) --no-print-directory test-sglang
 
 test-core: venv
 	$(VENV)/bin/python -m pytest -q -m "not sglang" --ignore=tests/sglang $(PYTEST_ARGS) tests
