@@ -20,9 +20,10 @@ AR prefill of that prefix would have written (up to the last bits of a different
   tree, so a match is as fine as AR's: any committed prefix, in pages of `--page-size` (default
   1, as AR; SGLang's cap at the block size stays). A five-turn chat computes the same prompt
   tokens under spec and MDM as under AR.
-- Inserts while running: after every context pass and every completed block or round SGLang's
-  `stash_chunked_request` checkpoints `[0, extend_end)` into the tree; for spec that is the
-  committed length after the rollback, so draft KV past it never enters the tree. The tree takes
+- Inserts while running: after every context pass (and, for MDM, every completed block)
+  SGLang's `stash_chunked_request` checkpoints `[0, extend_end)` into the tree. A spec round
+  does not (`spec_scheduler.stash_dllm_context`): as an AR decode, the request keeps its
+  committed KV in its own row until it finishes, so draft KV never enters the tree. The tree takes
   whole pages only; a page shared between committed and rolled-back tokens stays the request's
   (`cache_protected_len` marks what the tree owns), and a rollback frees only whole pages past
   the committed length, never a page the tree holds (the tree's pages end at or before it).

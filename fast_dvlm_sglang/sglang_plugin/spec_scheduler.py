@@ -21,8 +21,13 @@ SGLang's code unchanged):
     `req.finished_len`, as for SGLang's own speculative decoding), and `rollback_kv` the block's
     rejected slots. Finished requests then go through SGLang's `release_kv_cache`
     (`_finish_dllm_request_if_needed`), and every request's new tokens are streamed.
-- `_stash_dllm_context`: the KV is already rolled back, so only SGLang's prefix bookkeeping
-  (`stash_chunked_request`) runs.
+- `_stash_dllm_context`: the KV is already rolled back; the next round starts at the new seed
+  (`req.prefix_len = extend_end`). Like an AR decode, a running request keeps its committed KV
+  in its own `req_to_token` row, and the radix tree gets it when the request finishes
+  (`prefix_cache.release_finished`). SGLang's dLLM path instead checkpoints every block into
+  the tree (`stash_chunked_request`: an insert of the whole sequence, O(context) per request
+  and round); for one-token rounds over a few hundred tokens at 16 requests that cost as much
+  on the CPU as the round's forward.
 - `Req._init_fill_ids_for_dllm`: SGLang puts the next block at `seqlen`; ours starts at the
   seed, `seqlen - 1` == `prefix_len` (phase STAGING_DECODE: no context pass), `block_size` slots,
   which `draft_length.py` cuts to the round's width before SGLang's adder sizes the batch.
@@ -246,7 +251,8 @@ def stash_dllm_context(original, scheduler, req):
             f"(committed={kv.kv_committed_len}, allocated={kv.kv_allocated_len}, "
             f"extend_end={req.extend_end}, seqlen={req.seqlen})"
         )
-    scheduler.stash_chunked_request(req)
+    # What `checkpoint_kv_cache` does besides the tree insert (see the module docstring).
+    req.prefix_len = req.extend_end
     return None
 
 

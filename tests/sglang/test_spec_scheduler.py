@@ -410,6 +410,35 @@ def test_round_commits_prefix_and_releases_exact_slots(sgl, page_size):
     assert max(rounds.count(r) for r in set(rounds)) > 1  # some drafts were accepted
 
 
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_rounds_leave_the_tree_alone_until_the_finish(sgl, page_size):
+    """As an AR decode: the context pass puts the prompt in the radix tree; rounds do not touch
+    the tree (the committed KV stays in the request's own row: no O(context) insert per request
+    and round); the finish inserts prompt + answer, and the next turn of the chat matches both."""
+    h = Harness(page_size, radix=True)
+    prompt = [5, 9, 17, 33, 2, 40, 8, 11, 3]
+    req = h.add(prompt, max_new_tokens=30)
+    assert h.step() == "context"
+    assert h.step() == "round"  # the context pass's checkpoint runs before the next batch is built
+    after_context, protected = h.tree_pages(), req.kv.cache_protected_len
+    assert after_context.numel() > 0 and protected <= len(prompt)
+    rounds = 1
+    while not req.finished():
+        assert h.step() == "round"
+        rounds += 1
+        if not req.finished():
+            assert torch.equal(h.tree_pages(), after_context) and req.kv.cache_protected_len == protected
+    assert rounds > 1 and _ids(req) == oracle(prompt, 30, set())
+    h.run()
+    h.check_drained()
+    follow = prompt + _ids(req) + [1, 2]
+    turn = h.add(follow, 6)
+    h.run()
+    assert _ids(turn) == oracle(follow, 6, set())
+    assert turn.cached_tokens >= (len(prompt) + 30 - 1) // page_size * page_size
+    h.check_drained()
+
+
 def test_round_forwards_are_static_draft_then_causal_verify(sgl):
     """Per round: exactly one bidirectional draft over [seed, MASK...] and one causal verify over
     [seed, drafts...], both of shape [bs * block_size], for requests at different offsets."""
