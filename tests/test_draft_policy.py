@@ -79,6 +79,27 @@ def test_unpredictable_text_gets_ar_steps_and_predictable_text_full_blocks():
         assert chosen == sorted(chosen) and chosen[0] == 1 and chosen[-1] == 32
 
 
+def test_margin_leaves_marginal_drafting_to_ar_steps():
+    """A drafting round must look `margin` faster than the round of AR steps; where drafting
+    pays by more (predictable text), the margin changes nothing."""
+    cost = ForwardCost(base=0.01, per_token=1e-4)
+    allowed = [list(WIDTHS)]
+    ar = _objective([0.0], [1], [100], cost)
+    # the acceptance where the best drafting round beats AR by 5%
+    for p in (x / 1000 for x in range(1000)):
+        widths = choose_widths([p], [100], allowed, cost)
+        if widths != [1] and _objective([p], widths, [100], cost) >= 1.05 * ar:
+            break
+    assert 1.05 * ar <= _objective([p], widths, [100], cost) < 1.06 * ar
+    assert choose_widths([p], [100], allowed, cost, margin=0.1) == [1]
+    assert choose_widths([0.95], [100], allowed, cost, margin=0.1) == choose_widths([0.95], [100], allowed, cost)
+    policy = DraftPolicy(block_size=32, cost=cost)
+    assert policy.margin == 0.1
+    for bad in (-0.1, 11.0):
+        with pytest.raises(ValueError, match="draft_margin"):
+            DraftPolicy(block_size=32, cost=cost, margin=bad)
+
+
 def test_estimate_follows_the_requests_rounds():
     policy = DraftPolicy(block_size=32, cost=DEFAULT_COSTS["cpu"])
     e = AcceptanceEstimate()
@@ -141,6 +162,30 @@ def test_forward_cost_loads_a_mapping_or_a_benchmark_file(tmp_path):
                        (3, "mapping")):
         with pytest.raises(ValueError, match=match):
             ForwardCost.load(bad)
+
+
+def test_cpu_default_is_the_committed_measurement():
+    """The CPU table is the fit of `benchmarks/results/forward_cost_cpu_demo.json` (to the digits
+    written in the code), and the policy's decision quantity, what a drafting round costs next
+    to a round of AR steps, is within 35% of every measured cell (the cells themselves vary by
+    about that between sweeps on this machine)."""
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks/results/forward_cost_cpu_demo.json"
+    table = json.loads(path.read_text())
+    cost, fit = DEFAULT_COSTS["cpu"], table["fit"]
+    assert ForwardCost.load(str(path)).per_pair == fit["per_pair"]  # the file is a valid `forward_cost`
+    for name in ("base", "per_token", "per_row", "per_pair"):
+        assert getattr(cost, name) == pytest.approx(fit[name], rel=0.02, abs=1e-9), name
+    measured = {(r["concurrency"], r["context"], r["draft_length"]): r["round_s"] for r in table["spec"]}
+    long = table["settings"]["long"]
+    for (c, ctx, k), seconds in measured.items():
+        if k == 0:
+            continue
+        contexts = [ctx + long // 2] * c
+        predicted = round_seconds(cost, [k + 1] * c, contexts) / round_seconds(cost, [1] * c, contexts)
+        ratio = seconds / measured[(c, ctx, 0)]
+        assert abs(predicted / ratio - 1) <= 0.35, (c, ctx, k, predicted, ratio)
 
 
 def test_seeded_sampling_rows_choose_as_if_alone():

@@ -23,7 +23,9 @@ Configuration (`--dllm-algorithm-config` YAML, validated at startup by `policy_f
 - `draft_widths`: the widths the adaptive policy picks from (default 4, 8, 16, 32, the training
   recipe's block sizes, plus 1);
 - `prior_acceptance`, `probe_interval`: the acceptance prior of a new request and how many AR
-  steps in a row before a request is probed again.
+  steps in a row before a request is probed again;
+- `draft_margin`: how much faster a drafting round must be expected to be than a round of AR
+  steps (0.1: 10%) before the batch drafts.
 With `cuda_graph: true` every row keeps the full block (SGLang's dLLM decode graphs are captured
 for `block_size` slots per request): the policy then only decides, per round, whether the batch
 drafts at all (a round of AR steps skips the draft pass).
@@ -35,7 +37,8 @@ import json
 
 from fast_dvlm_sglang.decoding.draft_policy import DEFAULT_COSTS, DraftPolicy, ForwardCost
 
-POLICY_KEYS = frozenset({"draft_length", "forward_cost", "draft_widths", "prior_acceptance", "probe_interval"})
+POLICY_KEYS = frozenset({"draft_length", "forward_cost", "draft_widths", "prior_acceptance", "probe_interval",
+                         "draft_margin"})
 _POLICIES: dict[str, DraftPolicy] = {}  # configuration only (frozen), keyed by its inputs
 
 
@@ -61,10 +64,14 @@ def policy_from_config(algorithm_config: dict, block_size: int, device: str) -> 
                                                                   for w in widths):
             raise ValueError(f"draft_widths must be a list of integers in [1, {block_size}], got {widths!r}")
         kwargs["widths"] = tuple(widths)
-    if cfg.get("prior_acceptance") is not None:
-        kwargs["prior_p"] = float(cfg["prior_acceptance"])
-    if cfg.get("probe_interval") is not None:
-        kwargs["probe_interval"] = int(cfg["probe_interval"])
+    for key, field, kind in (("prior_acceptance", "prior_p", float), ("probe_interval", "probe_interval", int),
+                             ("draft_margin", "margin", float)):
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise ValueError(f"{key} must be a number{' (an integer)' if kind is int else ''}, got {value!r}")
+        kwargs[field] = kind(value)
     policy = DraftPolicy(block_size=block_size, cost=cost, **kwargs)
     _POLICIES[key] = policy
     return policy

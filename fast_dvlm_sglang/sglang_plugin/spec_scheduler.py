@@ -216,6 +216,8 @@ def process_batch_result_dllm(original, scheduler, batch, result):
     states = result.dllm_algo_state
     record = metrics.enabled(scheduler)
     policy = scheduler_policy(scheduler)
+    reporter = scheduler.metrics_reporter
+    generated = 0
     allocator.free_group_begin()
     try:
         for req, tokens, state in zip(batch.reqs, result.next_token_ids, states):
@@ -227,17 +229,18 @@ def process_batch_result_dllm(original, scheduler, batch, result):
             if record:
                 metrics.record(block_size, rounds=1, accepted_drafts=min(len(tokens) - 1, emitted),
                                tokens=emitted, forwards=state.nfe - nfe, draft_length=state.width - 1)
-            scheduler.metrics_reporter.num_generated_tokens += emitted
+            generated += emitted
             scheduler._finish_dllm_request_if_needed(req)
+        reporter.num_generated_tokens += generated
         scheduler.output_streamer.stream_output(batch.reqs, batch.return_logprob)
     finally:
         allocator.free_group_end()
-    scheduler.metrics_reporter.report_prefill_stats(
-        batch=batch,
-        prefill_stats=batch.prefill_stats,
-        can_run_cuda_graph=result.can_run_cuda_graph,
-        dp_cooperation_info=batch.dp_cooperation_info,
-    )
+    # A round is a decode step of its requests: reported as SGLang reports one
+    # (batch_result_processor.py, after a decode batch): a "Decode batch" line with the generation
+    # throughput every `decode_log_interval` rounds. SGLang's own dLLM step reports every block as
+    # a prefill, which for one-token rounds is a log line per token.
+    reporter.forward_ct_decode = (reporter.forward_ct_decode + 1) % (1 << 30)
+    reporter.report_decode_stats(result.can_run_cuda_graph, running_batch=batch, num_generated_tokens=generated)
     return None
 
 

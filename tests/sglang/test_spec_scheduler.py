@@ -159,8 +159,13 @@ class _Recorder:
     def stream_output(self, reqs, return_logprob, *args, **kwargs):
         self.streamed.append([r.rid for r in reqs])
 
+    forward_ct_decode = 0
+
     def report_prefill_stats(self, **kwargs):
-        pass
+        self.prefill_reports = getattr(self, "prefill_reports", 0) + 1
+
+    def report_decode_stats(self, can_run_cuda_graph, running_batch=None, num_generated_tokens=0):
+        self.decode_reports = getattr(self, "decode_reports", []) + [num_generated_tokens]
 
 
 class Harness:
@@ -437,6 +442,29 @@ def test_rounds_leave_the_tree_alone_until_the_finish(sgl, page_size):
     assert _ids(turn) == oracle(follow, 6, set())
     assert turn.cached_tokens >= (len(prompt) + 30 - 1) // page_size * page_size
     h.check_drained()
+
+
+def test_rounds_report_as_decode_steps_and_context_passes_as_prefills(sgl):
+    """SGLang's stats reporting: each context pass is a prefill report; each round is one decode
+    step (SGLang logs a decode line every `decode_log_interval` steps, a prefill line every
+    time: one per round would be a log line per token) carrying the tokens the round emitted."""
+    import inspect
+
+    from sglang.srt.managers.scheduler_components.metrics_reporter import SchedulerMetricsReporter
+
+    assert list(inspect.signature(SchedulerMetricsReporter.report_decode_stats).parameters) == [
+        "self", "can_run_cuda_graph", "running_batch", "num_generated_tokens"]
+    h = Harness(1)
+    reqs = [h.add(list(range(1, 8)), max_new_tokens=n) for n in (20, 9)]
+    kinds = []
+    while (kind := h.step()) is not None:
+        kinds.append(kind)
+    reporter = h.sched.metrics_reporter
+    assert reporter.prefill_reports == kinds.count("context") == 1
+    assert len(reporter.decode_reports) == reporter.forward_ct_decode == kinds.count("round")
+    # every token after the two seeds came from a round, and was counted once
+    assert sum(reporter.decode_reports) == sum(len(_ids(r)) for r in reqs) - 2
+    assert reporter.num_generated_tokens == sum(len(_ids(r)) for r in reqs)
 
 
 def test_round_forwards_are_static_draft_then_causal_verify(sgl):
@@ -1002,7 +1030,9 @@ def test_bad_draft_length_settings_are_refused(sgl):
 
     for cfg, match in (({"draft_length": 8}, r"\[0, 7\]"), ({"draft_length": True}, "draft_length"),
                        ({"draft_lenght": 3}, "unknown"), ({"draft_widths": [0, 4]}, "draft_widths"),
-                       ({"forward_cost": {"base": -1, "per_token": 0}}, "base")):
+                       ({"forward_cost": {"base": -1, "per_token": 0}}, "base"),
+                       ({"draft_margin": "high"}, "draft_margin"), ({"draft_margin": -0.5}, "draft_margin"),
+                       ({"probe_interval": 2.5}, "probe_interval"), ({"prior_acceptance": 1.0}, "prior_acceptance")):
         with pytest.raises(ValueError, match=match):
             check_algorithm_config(cfg, 8)
     h = Harness(1, algorithm_config={})
