@@ -34,6 +34,7 @@ drafts at all (a round of AR steps skips the draft pass).
 from __future__ import annotations
 
 import json
+import math
 
 from fast_dvlm_sglang.decoding.draft_policy import DEFAULT_COSTS, DraftPolicy, ForwardCost
 
@@ -69,8 +70,9 @@ def policy_from_config(algorithm_config: dict, block_size: int, device: str) -> 
         value = cfg.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            raise ValueError(f"{key} must be a number{' (an integer)' if kind is int else ''}, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or (kind is int and value != int(value))):
+            raise ValueError(f"{key} must be a finite number{' (an integer)' if kind is int else ''}, got {value!r}")
         kwargs[field] = kind(value)
     policy = DraftPolicy(block_size=block_size, cost=cost, **kwargs)
     _POLICIES[key] = policy

@@ -20,7 +20,8 @@ SGLang's code unchanged):
     string / max_new_tokens inside the committed tokens end the request there through
     `req.finished_len`, as for SGLang's own speculative decoding), and `rollback_kv` the block's
     rejected slots. Finished requests then go through SGLang's `release_kv_cache`
-    (`_finish_dllm_request_if_needed`), and every request's new tokens are streamed.
+    (`_finish_dllm_request_if_needed`), and every request's new tokens are streamed; the round
+    is reported to SGLang's metrics as a decode step (`report_decode_stats`), not a prefill.
 - `_stash_dllm_context`: the KV is already rolled back; the next round starts at the new seed
   (`req.prefix_len = extend_end`). Like an AR decode, a running request keeps its committed KV
   in its own `req_to_token` row, and the radix tree gets it when the request finishes

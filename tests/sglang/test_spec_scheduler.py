@@ -1032,7 +1032,8 @@ def test_bad_draft_length_settings_are_refused(sgl):
                        ({"draft_lenght": 3}, "unknown"), ({"draft_widths": [0, 4]}, "draft_widths"),
                        ({"forward_cost": {"base": -1, "per_token": 0}}, "base"),
                        ({"draft_margin": "high"}, "draft_margin"), ({"draft_margin": -0.5}, "draft_margin"),
-                       ({"probe_interval": 2.5}, "probe_interval"), ({"prior_acceptance": 1.0}, "prior_acceptance")):
+                       ({"probe_interval": 2.5}, "probe_interval"), ({"probe_interval": float("inf")}, "probe_interval"),
+                       ({"draft_margin": float("nan")}, "draft_margin"), ({"prior_acceptance": 1.0}, "prior_acceptance")):
         with pytest.raises(ValueError, match=match):
             check_algorithm_config(cfg, 8)
     h = Harness(1, algorithm_config={})
