@@ -14,7 +14,8 @@ configuration cannot settle a 0.95x target. The configurations' runs are interle
 concurrency, `--repeats` rounds, each running every configuration once (in a rotated order,
 the prefix cache flushed before each run so every run starts cold), and the ratio to AR is the
 median over rounds of the ratio within a round (runs seconds apart, under the same machine
-conditions). For spec, `/metrics` gives the tokens per forward and the draft lengths the policy
+conditions); `pooled_ratio_to_ar` is the ratio of the configurations' throughputs over all
+their runs together (total output tokens / total duration). For spec, `/metrics` gives the tokens per forward and the draft lengths the policy
 chose. Writes `benchmarks/results/adaptive_spec_<device>_<model>.json`.
 """
 
@@ -38,6 +39,18 @@ RESULTS = Path(__file__).parent / "results"
 CONFIGS = {"ar": ("ar", []), "spec": ("spec", []), "spec_k31": ("spec", ["--draft-length", "31"]),
            "spec_k0": ("spec", ["--draft-length", "0"])}
 DEFAULT_CONFIGS = ("ar", "spec", "spec_k31")
+
+
+def _pooled(rows: list[dict], ar_rows: list[dict]) -> float | None:
+    """Output tokens over wall time, all of a configuration's runs together, against AR's: every
+    repeat weighs by its duration, so one run slowed by the machine does not swing the ratio as
+    it swings a ratio of two short runs."""
+    def throughput(rs):
+        done = [r for r in rs if r.get("duration") and r.get("total_output_tokens")]
+        return sum(r["total_output_tokens"] for r in done) / sum(r["duration"] for r in done) if done else None
+
+    ours, ar = throughput(rows), throughput(ar_rows)
+    return ours / ar if ours and ar else None
 
 
 def _ints(text: str) -> list[int]:
@@ -96,7 +109,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(DEFAULT_CONFIGS),
                     help="spec_k0: AR steps through the dLLM path (its overhead against SGLang's AR decode)")
     ap.add_argument("--concurrency", type=_ints, default=[1, 4, 16])
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds per concurrency")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds per concurrency")
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -106,7 +119,7 @@ def main() -> None:
     model_dir = resolve_model_dir(args.model)
     report = {"what": __doc__.split("\n\n")[0], "date": str(date.today()), "model": args.model,
               "device": f"CPU ({platform.processor() or platform.machine()}), float32, torch_native attention",
-              "repeats": args.repeats, "results": {}, "paired_ratio_to_ar": {}}
+              "repeats": args.repeats, "results": {}, "paired_ratio_to_ar": {}, "pooled_ratio_to_ar": {}}
     log_dir = Path(tempfile.mkdtemp(prefix="bench_adaptive_spec_"))
     servers = {name: ServeProcess(model_dir, CONFIGS[name][0], log_dir / f"{name}.log", serve_args=CONFIGS[name][1],
                                   sglang_args=["--enable-metrics"]) for name in args.configs}
@@ -134,6 +147,7 @@ def main() -> None:
                           for r, a in zip(rows, runs["ar"]) if a.get("output_throughput") and r.get("output_throughput")]
                 report["paired_ratio_to_ar"].setdefault(name, {})[str(c)] = {
                     "median": statistics.median(ratios) if ratios else None, "runs": ratios}
+                report["pooled_ratio_to_ar"].setdefault(name, {})[str(c)] = _pooled(rows, runs["ar"])
     finally:
         for server in servers.values():
             server.stop()

@@ -196,6 +196,75 @@ def test_mdm_never_emits_the_mask_token(model, temperature):
         assert favoured.token_ids == plain.token_ids
 
 
+def test_greedy_spec_equals_ar_with_logit_bias_and_min_new_tokens(model, tie_aware):
+    """AR's logit adjustments apply at every verify position of spec as at every AR step: greedy
+    spec == greedy AR with the same adjustments. The bias bans each prompt's unbiased second
+    token and favours two others; min_new_tokens holds every EOS off for 15 tokens."""
+    eos = (5, 17, 42, 99, 123)
+    for i, prompt in enumerate(random_prompts(9, seed=23)):
+        plain = generate(model, prompt, GenerationConfig("ar", max_new_tokens=30, eos_token_ids=()))
+        bias = ((plain.token_ids[1], -100.0), (7, 2.5), (11, 1.5))
+        params = SamplingParams(logit_bias=bias, min_new_tokens=15)
+        ar = generate(model, prompt, GenerationConfig("ar", max_new_tokens=30, sampling=params, eos_token_ids=eos))
+        for block in (4, 32):
+            spec = generate(model, prompt, GenerationConfig("spec", max_new_tokens=30, block_size=block,
+                                                            sampling=params, eos_token_ids=eos))
+            tie_aware.check(prompt, ar.token_ids, spec.token_ids, f"adjusted prompt {i}, block {block}")
+        assert plain.token_ids[1] not in ar.token_ids
+        assert len(ar.token_ids) >= 15 and not set(ar.token_ids[:14]) & set(eos)
+
+
+def test_adjust_logits_is_ar_s_order_of_operations():
+    from fast_dvlm_sglang.decoding.sampling import adjust_logits
+
+    logits = torch.randn(5, 20, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(logit_bias=((3, 1.5), (19, -2.0)), min_new_tokens=6)
+    got = adjust_logits(logits, params, produced=3, stop_token_ids=(4, 8, 25))  # 25: past the vocabulary
+    want = logits.clone()
+    want[:3, [4, 8]] = float("-inf")  # positions choosing output tokens 3, 4, 5 (< 6)
+    want[:, 3] += 1.5
+    want[:, 19] -= 2.0
+    assert torch.equal(got, want) and not torch.equal(logits, got)
+    assert torch.equal(adjust_logits(logits, params, produced=6, stop_token_ids=(4,))[:, 4], logits[:, 4])
+    assert adjust_logits(logits, SamplingParams(), 0, (4,)) is logits  # nothing to do: no copy
+    assert torch.equal(adjust_logits(logits[0], params, 0, (4,)), got[0].where(torch.arange(20) != 8, logits[0, 8]))
+
+
+def test_mdm_refuses_logit_adjustments(model):
+    prompt = random_prompts(1, seed=5)[0]
+    for params in (SamplingParams(logit_bias=((3, 1.0),)), SamplingParams(min_new_tokens=4)):
+        with pytest.raises(ValueError, match="mdm does not support"):
+            generate(model, prompt, GenerationConfig("mdm", max_new_tokens=8, sampling=params))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_min_p_keeps_exactly_the_tokens_within_min_p_of_the_likeliest(seed):
+    from fast_dvlm_sglang.decoding.sampling import sampling_probs
+
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, 50, generator=gen) * 3
+    for min_p in (0.05, 0.3, 0.9):
+        params = SamplingParams(temperature=0.7, min_p=min_p)
+        probs = sampling_probs(logits, params)
+        base = torch.softmax(logits / 0.7, dim=-1)
+        keep = base >= min_p * base.max(dim=-1, keepdim=True).values
+        assert torch.equal(probs > 0, keep)
+        torch.testing.assert_close(probs, torch.where(keep, base, 0) / torch.where(keep, base, 0).sum(-1, keepdim=True))
+
+
+def test_seeded_spec_sampling_with_min_p_and_bias_stays_inside_their_support(model):
+    """Sampled spec with min_p and a ban: reproducible with a seed, and the banned token never comes."""
+    prompt = random_prompts(1, seed=5)[0]
+
+    def run(seed):
+        params = SamplingParams(temperature=1.2, min_p=0.05, seed=seed, logit_bias=((9, -1e9),))
+        return generate(model, prompt, GenerationConfig("spec", max_new_tokens=40, sampling=params,
+                                                        eos_token_ids=())).token_ids
+    runs = [run(s) for s in range(4)]
+    assert run(0) == runs[0] and len({tuple(r) for r in runs}) > 1
+    assert all(9 not in r for r in runs)
+
+
 @pytest.mark.parametrize("algorithm", ["ar", "mdm", "spec"])
 def test_sampling_is_reproducible_with_a_seed(model, algorithm):
     prompt = random_prompts(1, seed=11)[0]
@@ -216,3 +285,7 @@ def test_invalid_settings_are_rejected():
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(min_p=1.5)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        SamplingParams(min_new_tokens=-1)

@@ -33,12 +33,15 @@ def generate(model, prompt: Prompt, config: GenerationConfig, tokenizer=None, ca
     block_size = config.block_size or cfg.block_size
     accepted: list[int] = []
     if config.algorithm == "ar":
-        ar_decode(session, out, params, generator)
+        ar_decode(session, out, params, generator, stop_token_ids=tuple(eos))
     elif config.algorithm == "mdm":
+        if params.adjusts_logits:
+            raise ValueError("mdm does not support logit_bias or min_new_tokens: a block's positions are "
+                             "chosen together, not one after another as AR chooses them")
         mdm_decode(session, out, params, generator, block_size=block_size, sub_block_size=config.sub_block_size,
                    threshold=config.threshold, mask_id=cfg.mask_token_id)
     else:
         accepted = spec_decode(session, out, params, generator, block_size=block_size, mask_id=cfg.mask_token_id,
-                               policy=config.draft_policy)
+                               policy=config.draft_policy, stop_token_ids=tuple(eos))
     text = visible_text(decode(out.tokens), config.stop_strings) if decode is not None else None
     return GenerationResult(config.algorithm, list(out.tokens), text, session.nfe, out.finish_reason or "length", accepted)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from .output import OutputTokens
-from .sampling import sample_tokens
+from .sampling import adjust_logits, sample_tokens
 from .session import DecodeSession
 
 
-def ar_decode(session: DecodeSession, out: OutputTokens, params, generator) -> None:
+def ar_decode(session: DecodeSession, out: OutputTokens, params, generator, stop_token_ids=()) -> None:
     logits = session.prefill()
     while True:
+        logits = adjust_logits(logits, params, len(out.tokens), stop_token_ids)
         token = int(sample_tokens(logits, params, generator)[0])
         out.extend([token])
         if out.finished:

@@ -1,8 +1,16 @@
-"""Token choice from logits, shared by every decoder: greedy, or temperature/top-k/top-p sampling
-drawn from a per-request `torch.Generator` (so a fixed seed reproduces a generation)."""
+"""Token choice from logits, shared by every decoder: greedy, or temperature/top-k/top-p/min-p
+sampling drawn from a per-request `torch.Generator` (so a fixed seed reproduces a generation).
+
+Before the choice, `adjust_logits` applies what SGLang's AR sampler applies to a position's logits
+(`SamplingBatchInfo.apply_logits_bias`, in that order): the `min_new_tokens` ban (every stop token
+at -inf while fewer than `min_new_tokens` tokens are out), then the additive `logit_bias`. They
+depend on the position only through the number of tokens produced before it, so a verify pass
+applies them to each of its positions as AR would have at that position."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +22,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    min_p: float = 0.0  # drop tokens less likely than min_p x the likeliest (after temperature)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit), OpenAI's logit_bias
+    min_new_tokens: int = 0  # stop tokens banned until this many tokens are out
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -22,6 +33,14 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or self.min_new_tokens > 0
 
     @property
     def greedy(self) -> bool:
@@ -35,8 +54,31 @@ class SamplingParams:
         return gen
 
 
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, produced: int,
+                  stop_token_ids: Iterable[int] = ()) -> torch.Tensor:
+    """Logits [n, V] (or [V]: n = 1) of n consecutive positions, the first choosing output token
+    number `produced` (0: the first answer token), with the min_new_tokens ban and the logit_bias
+    applied (a new tensor; `logits` unchanged). `stop_token_ids`: what ends the answer."""
+    if not params.adjusts_logits:
+        return logits
+    vocab = logits.shape[-1]
+    out = logits.reshape(-1, vocab).clone()
+    banned_rows = max(0, min(out.shape[0], params.min_new_tokens - produced))
+    stops = [t for t in stop_token_ids if 0 <= t < vocab]
+    if banned_rows and stops:
+        out[:banned_rows, stops] = float("-inf")
+    if params.logit_bias:
+        bias = torch.zeros(vocab, dtype=out.dtype, device=out.device)
+        for token, value in params.logit_bias:
+            if 0 <= token < vocab:
+                bias[token] += value
+        out += bias
+    return out.view(logits.shape)
+
+
 def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution tokens are drawn from: softmax(logits / T) restricted to top-k / top-p."""
+    """The distribution tokens are drawn from: softmax(logits / T) restricted to top-k / top-p /
+    min-p (min-p relative to the likeliest token, which top-k and top-p always keep)."""
     logits = logits.float()
     if params.greedy:
         return torch.softmax(logits, dim=-1)
@@ -51,6 +93,10 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    if params.min_p > 0:
+        # p < min_p * p_max  <=>  logit < max logit + log(min_p) (same softmax normaliser)
+        floor = logits.max(dim=-1, keepdim=True).values + math.log(params.min_p)
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 

@@ -40,7 +40,8 @@ def committed_tokens(draft: torch.Tensor, verify: torch.Tensor, accepted: torch.
     return out.masked_fill(pos > k, -1)
 
 
-def spec_decode(session, out, params, generator, *, block_size: int, mask_id: int, policy=None) -> list[int]:
+def spec_decode(session, out, params, generator, *, block_size: int, mask_id: int, policy=None,
+                stop_token_ids=()) -> list[int]:
     """Reference speculative loop over one request; returns the accepted draft length per round.
 
     Each round is as wide as `policy` (a `draft_policy.DraftPolicy`, as the SGLang plugin runs
@@ -49,14 +50,16 @@ def spec_decode(session, out, params, generator, *, block_size: int, mask_id: in
     Draft tokens are always argmax (the draft only proposes). The verify tokens follow the
     request's sampling settings: greedy gives AR greedy exactly; with temperature > 0 each
     emitted token is a sample of the causal distribution given the accepted prefix, i.e. a
-    valid AR sample (not the same random stream as `ar`).
+    valid AR sample (not the same random stream as `ar`). The logit adjustments (`logit_bias`,
+    `min_new_tokens`) apply to every verify position as AR applies them there, and to the draft's
+    positions too (the draft then proposes what the verify pass can accept).
     """
-    from .sampling import SamplingParams, sample_tokens
+    from .sampling import SamplingParams, adjust_logits, sample_tokens
 
     greedy = SamplingParams()
     device = session.model.device
     accepted: list[int] = []
-    seed = sample_tokens(session.prefill(), params, generator)[0].view(1)
+    seed = sample_tokens(adjust_logits(session.prefill(), params, 0, stop_token_ids), params, generator)[0].view(1)
     out.extend(seed.tolist())
     estimate = AcceptanceEstimate()
     while not out.finished:
@@ -67,12 +70,14 @@ def spec_decode(session, out, params, generator, *, block_size: int, mask_id: in
         if length > 1:
             masks = torch.full((length - 1,), mask_id, dtype=torch.long, device=device)
             draft_logits = session.forward(torch.cat([seed, masks]), bidirectional=True, write=False)
-            draft = sample_tokens(draft_logits[:-1], greedy)[0]
+            produced = len(out.tokens)  # the seed's successor is output token number `produced`
+            draft = sample_tokens(adjust_logits(draft_logits[:-1], params, produced, stop_token_ids), greedy)[0]
         else:
             draft = seed.new_empty(0)
         base = session.cache.length
         verify_logits = session.forward(torch.cat([seed, draft]), bidirectional=False, write=True)
-        verify = sample_tokens(verify_logits, params, generator)[0]
+        verify = sample_tokens(adjust_logits(verify_logits, params, len(out.tokens), stop_token_ids), params,
+                               generator)[0]
         k = accept_longest_prefix(draft[None], verify[None, :-1])
         new = committed_tokens(draft[None], verify[None], k)[0]
         k = int(k[0])

@@ -5,7 +5,7 @@ scheduler, so SGLang answers it with HTTP 400 (its OpenAI handlers kick-start a 
 sending any byte; `http_guard.serve_generate_request` does the same for `/generate`):
 
 - `TokenizerManager.generate_request` (all endpoints end here, before tokenization or any media
-  is loaded): `n`, the options `FastDVLMSpeculative` cannot honour, media count and sources
+  is loaded): the options `FastDVLMSpeculative` cannot honour, media count and sources
   (`media_policy.py`), `input_ids` inside the vocabulary (an id past it crashed the scheduler in
   the embedding), and a text far longer than the context can hold (refused before a multi-MB
   string is tokenized);
@@ -129,12 +129,6 @@ def spec_refusal(get, return_logprob: bool, custom_logit_processor, block_size) 
     repetition = get("repetition_penalty")
     if get("frequency_penalty") or get("presence_penalty") or (repetition is not None and repetition != 1.0):
         refused.append("frequency / presence / repetition penalties")
-    if get("min_p"):
-        refused.append("min_p")
-    if get("logit_bias"):
-        refused.append("logit_bias")
-    if get("min_new_tokens"):
-        refused.append("min_new_tokens")
     if get("beam_width") is not None:
         refused.append("beam search")
     if return_logprob:
@@ -170,17 +164,12 @@ def generate_request_error(tokenizer_manager, obj) -> str | None:
     """Why SGLang must refuse `obj` (a GenerateReqInput, before normalization); None: go on."""
     from sglang.srt.managers.io_struct import GenerateReqInput
 
-    from . import ALGORITHM_NAME, SPEC_ALGORITHM_NAME
+    from . import SPEC_ALGORITHM_NAME
 
     if not isinstance(obj, GenerateReqInput) or not serves_our_model(tokenizer_manager):
         return None
     algorithm = _algorithm(tokenizer_manager)
     params = [p or {} for p in _as_list(obj.sampling_params)] or [{}]
-    if algorithm in (ALGORITHM_NAME, SPEC_ALGORITHM_NAME):
-        for p in params:
-            n = p.get("n", 1)
-            if n is not None and n != 1:
-                return f"n must be 1 with {algorithm}: it returns one choice per request (got n={n})."
     if algorithm == SPEC_ALGORITHM_NAME:
         batch = max(len(params), len(_as_list(obj.text)) or 1)
         logprobs = _per_request(obj.return_logprob, batch)

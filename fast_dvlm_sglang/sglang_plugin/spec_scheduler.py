@@ -146,7 +146,8 @@ def apply_round(req, tokens: list[int], state: SpecState, req_to_token_pool, all
         req.dllm_algo_state = None
     else:
         acceptance = state.acceptance if policy is None else policy.update(state.acceptance, drafted, n - 1)
-        req.dllm_algo_state = dataclasses.replace(state, budget=budget(req), acceptance=acceptance)
+        req.dllm_algo_state = dataclasses.replace(state, budget=budget(req), acceptance=acceptance,
+                                                  produced=len(req.output_ids))
     return freed
 
 
@@ -181,7 +182,8 @@ def adopt_context_state(req, state) -> bool:
     req.full_untruncated_fill_ids.append(state.seed)
     _record_metrics(req, state, 1, 0)
     req.update_finish_state(new_accepted_len=1)
-    req.dllm_algo_state = None if req.finished() else dataclasses.replace(state, budget=budget(req))
+    req.dllm_algo_state = (None if req.finished() else
+                           dataclasses.replace(state, budget=budget(req), produced=len(req.output_ids)))
     return True
 
 

@@ -48,7 +48,11 @@ request's distribution (temperature / top-k / top-p) and a per-request `torch.Ge
 with the request's `sampling_seed` (OpenAI `seed`); a token is accepted while the draft equals the
 verify sample, so every emitted token is an AR sample given the accepted prefix. Each request's
 generator is consumed exactly as the reference decoder consumes its own, so the same seed gives
-the same output whatever else is in the batch.
+the same output whatever else is in the batch. `min_p` filters the verify distribution;
+`logit_bias` and `min_new_tokens` adjust the logits of every verify position (and of the draft
+positions, so drafts propose what verify can accept) as SGLang's AR sampler adjusts them at that
+position: `decoding.sampling.adjust_logits`, with the number of output tokens before the
+position (`SpecState.produced` + its index in the row).
 
 Per-request state lives on the request; this object holds configuration only.
 """
@@ -67,7 +71,7 @@ from sglang.srt.dllm.config import DllmConfig
 
 from fast_dvlm_sglang.config import ARCHITECTURE
 from fast_dvlm_sglang.decoding.draft_policy import AcceptanceEstimate
-from fast_dvlm_sglang.decoding.sampling import SamplingParams, sample_tokens
+from fast_dvlm_sglang.decoding.sampling import SamplingParams, adjust_logits, sample_tokens
 from fast_dvlm_sglang.decoding.spec import accept_longest_prefix
 
 from . import SPEC_ALGORITHM_NAME as ALGORITHM_NAME
@@ -104,6 +108,12 @@ class SpecState:
     top_k: int = 0  # 0: whole vocabulary
     sampling_seed: int | None = None
     generator: torch.Generator | None = field(default=None, compare=False, repr=False)
+    # AR's logit adjustments and min-p (`decoding.sampling`), applied per verify position
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_new_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()  # what min_new_tokens bans: EOS and stop tokens, as SGLang's
+    produced: int = 0  # output tokens committed so far: the seed's successor is output token `produced`
     # The next round's width (verify tokens: the seed + its drafts), chosen by the scheduler
     # (`draft_length.py`); 0: not chosen (a full block, capped by the budget).
     width: int = 0
@@ -115,15 +125,22 @@ class SpecState:
     nfe: int = 0
 
     @classmethod
-    def from_request(cls, sampling_params) -> SpecState:
-        """SGLang's normalised sampling params: temperature 0 arrives as top_k == 1."""
+    def from_request(cls, sampling_params, stop_token_ids=()) -> SpecState:
+        """SGLang's normalised sampling params: temperature 0 arrives as top_k == 1.
+        `stop_token_ids`: the request's stop set as SGLang's min_new_tokens penalizer builds it."""
         top_k = int(sampling_params.top_k)
         pin = (sampling_params.custom_params or {}).get("draft_length")
+        # SGLang sets (not adds) each bias; keys "1" and "01" are one token, the last one wins.
+        bias = {int(k): float(v) for k, v in (getattr(sampling_params, "logit_bias", None) or {}).items()}
+        min_new = int(getattr(sampling_params, "min_new_tokens", 0) or 0)
+        common = dict(sampling_seed=sampling_params.sampling_seed, draft_length=pin,
+                      logit_bias=tuple(sorted(bias.items())), min_new_tokens=min_new,
+                      stop_token_ids=tuple(sorted(set(stop_token_ids))) if min_new else ())
         if top_k == 1 or sampling_params.temperature <= 0:
-            return cls(sampling_seed=sampling_params.sampling_seed, draft_length=pin)
+            return cls(**common)
         return cls(temperature=float(sampling_params.temperature), top_p=float(sampling_params.top_p),
                    top_k=0 if top_k < 0 or top_k >= UNLIMITED else top_k,
-                   sampling_seed=sampling_params.sampling_seed, draft_length=pin)
+                   min_p=float(getattr(sampling_params, "min_p", 0.0) or 0.0), **common)
 
     @property
     def greedy(self) -> bool:
@@ -131,7 +148,12 @@ class SpecState:
 
     def params(self, vocab_size: int) -> SamplingParams:
         top_k = self.top_k if 0 < self.top_k < vocab_size else 0
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=top_k)
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=top_k, min_p=self.min_p,
+                              logit_bias=self.logit_bias, min_new_tokens=self.min_new_tokens)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or self.min_new_tokens > self.produced
 
     def with_generator(self, device) -> SpecState:
         if self.greedy or self.generator is not None:
@@ -143,14 +165,36 @@ class SpecState:
         return dataclasses.replace(self, generator=gen)
 
 
+def stop_token_ids(req) -> set[int]:
+    """The tokens SGLang's min_new_tokens penalizer bans (penaltylib/min_new_tokens.py): the
+    request's stop tokens, the model's EOS ids, the tokenizer's extra stop tokens and its EOS."""
+    tokenizer = getattr(req, "tokenizer", None)
+    ids = set(req.sampling_params.stop_token_ids or ()) | set(getattr(req, "eos_token_ids", None) or ())
+    if tokenizer is not None:
+        ids |= set(getattr(tokenizer, "additional_stop_token_ids", None) or ())
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            ids.add(tokenizer.eos_token_id)
+    return {int(t) for t in ids if t is not None}
+
+
+def adjusted_rows(logits: torch.Tensor, state: SpecState, start: int, n: int) -> torch.Tensor:
+    """Row `state`'s logits at flat positions [start, start + n), the first choosing its output
+    token `state.produced`, with AR's logit adjustments (`decoding.sampling.adjust_logits`)."""
+    return adjust_logits(logits[start:start + n], state.params(logits.shape[-1]), state.produced,
+                         state.stop_token_ids)
+
+
 def choose_tokens(logits: torch.Tensor, states: list[SpecState], starts: list[int], lengths: list[int]) -> torch.Tensor:
-    """Tokens [T] for flat logits [T, V]: argmax, then for each sampling row a draw for its
-    `lengths[i]` positions from `starts[i]` on, from its own generator (others stay argmax)."""
+    """Tokens [T] for flat logits [T, V]: argmax, then for each row that samples or adjusts its
+    logits, its choice for its `lengths[i]` positions from `starts[i]` on (a draw from its own
+    generator, or the argmax of its adjusted logits); other positions stay argmax."""
     tokens = logits.argmax(dim=-1)
     for state, start, n in zip(states, starts, lengths):
-        if not state.greedy:
-            tokens[start:start + n] = sample_tokens(logits[start:start + n], state.params(logits.shape[-1]),
-                                                    state.generator)[0]
+        if state.greedy and not state.adjusts_logits:
+            continue
+        rows = adjusted_rows(logits, state, start, n) if state.adjusts_logits else logits[start:start + n]
+        tokens[start:start + n] = (rows.argmax(dim=-1) if state.greedy else
+                                   sample_tokens(rows, state.params(logits.shape[-1]), state.generator)[0])
     return tokens
 
 
@@ -238,7 +282,7 @@ class FastDVLMSpeculative(DllmAlgorithm):
         if error:
             return error
         if not isinstance(req.dllm_algo_state, SpecState):
-            req.dllm_algo_state = SpecState.from_request(sp)
+            req.dllm_algo_state = SpecState.from_request(sp, stop_token_ids(req))
         return None
 
     # ---- SGLang entry point ----------------------------------------------------------------
@@ -302,7 +346,12 @@ class FastDVLMSpeculative(DllmAlgorithm):
                 # The verify pass attends over the same slots and context: the attention metadata
                 # just planned serves it too (what SGLang's own dLLM loop does between steps).
                 forward_batch.mark_forward_metadata_ready(replan_equivalent=True)
-                shifted = out.logits_output.full_logits.argmax(dim=-1).to(ids.dtype)
+                draft_logits = out.logits_output.full_logits
+                shifted = draft_logits.argmax(dim=-1)
+                for state, start, n in zip(states, starts, lengths):
+                    if state.adjusts_logits:  # draft what the verify pass can accept
+                        shifted[start:start + n] = adjusted_rows(draft_logits, state, start, n).argmax(dim=-1)
+                shifted = shifted.to(ids.dtype)
                 ids[1:] = torch.where(is_start[1:], ids[1:], shifted[:-1])
 
             # Verify: [seed, d_1..d_{w-1}] causal; writes the KV kept for the committed tokens.

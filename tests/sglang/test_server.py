@@ -143,7 +143,6 @@ def _post(server, body, raw=None, key=API_KEY):
 BAD = {
     "broken_base64": lambda m: {"model": m, "messages": _messages("data:image/png;base64,@@not-base64@@")},
     "not_an_image": lambda m: {"model": m, "messages": _messages("data:image/png;base64,aGVsbG8gd29ybGQ=")},
-    "n_gt_1": lambda m: {"model": m, "messages": _messages(image_url()), "n": 3},
     "negative_max_tokens": lambda m: {"model": m, "messages": _messages(image_url()), "max_tokens": -5},
     "unknown_model": lambda m: {"model": "no-such-model", "messages": _messages(image_url())},
     "prompt_too_long": lambda m: {"model": m, "messages": [{"role": "user", "content": "circle " * 5000}]},
@@ -164,12 +163,20 @@ def test_bad_request_is_4xx_and_server_stays_healthy(servers, case):
     assert server.healthy()
 
 
-def test_ar_serves_n_choices(servers):
-    """`n > 1` is refused by the dLLM algorithms only (one choice per request); AR is SGLang's own."""
-    server = servers["ar"]
-    r = server.client().chat.completions.create(model=server.model, messages=_messages(image_url()), n=2,
-                                                max_tokens=8, temperature=1.0)
-    assert [c.index for c in r.choices] == [0, 1]
+@pytest.mark.parametrize("algorithm", ["ar", "mdm"])
+def test_n_choices(servers, algorithm):
+    """`n > 1` is SGLang's own fan-out into n requests (after a max_new_tokens=0 warm-up that caches
+    the prompt), for every algorithm: greedy choices are all the n=1 answer."""
+    server = servers[algorithm]
+    client = server.client()
+    one = client.chat.completions.create(model=server.model, messages=_messages(image_url()), max_tokens=40,
+                                         temperature=0)
+    r = client.chat.completions.create(model=server.model, messages=_messages(image_url()), n=3,
+                                       max_tokens=40, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert {c.message.content for c in r.choices} == {one.choices[0].message.content}
+    assert r.usage.completion_tokens == 3 * one.usage.completion_tokens
+    assert server.healthy()
 
 
 def test_api_key_enforced(servers):

@@ -698,14 +698,26 @@ def test_validate_request_refuses_unsupported_features(sgl):
 
     def req(**kw):
         sp = SamplingParams(max_new_tokens=4, **kw)
-        sp.normalize(None)
-        return Req("x", "", array("q", [1]), sp)
+        sp.normalize(NO_STRINGS_TOKENIZER)
+        r = Req("x", "", array("q", [1]), sp)
+        r.tokenizer = NO_STRINGS_TOKENIZER
+        return r
 
-    for kw in ({"json_schema": "{}"}, {"frequency_penalty": 0.5}, {"min_p": 0.1}, {"logit_bias": {"1": 2.0}}):
+    for kw in ({"json_schema": "{}"}, {"frequency_penalty": 0.5}, {"repetition_penalty": 1.1}):
         assert "does not support" in FastDVLMSpeculative.validate_request(req(**kw))
     r = req(temperature=0.7, top_p=0.9, top_k=20, sampling_seed=3)
     assert FastDVLMSpeculative.validate_request(r) is None
     assert r.dllm_algo_state == SpecState(temperature=0.7, top_p=0.9, top_k=20, sampling_seed=3)
+    # AR's logit adjustments ride on the state; "1" and "01" are one token (SGLang: the last wins)
+    r = req(temperature=0.7, min_p=0.1, logit_bias={"1": 2.0, "01": -1.0, "5": 0.5}, min_new_tokens=3,
+            stop_token_ids=[7])
+    r.eos_token_ids = {2}
+    assert FastDVLMSpeculative.validate_request(r) is None
+    assert r.dllm_algo_state == SpecState(temperature=0.7, min_p=0.1, logit_bias=((1, -1.0), (5, 0.5)),
+                                          min_new_tokens=3, stop_token_ids=(2, 7))
+    r = req(temperature=0, min_p=0.3)  # greedy: min_p cannot change an argmax
+    FastDVLMSpeculative.validate_request(r)
+    assert r.dllm_algo_state == SpecState()
     r = req(temperature=0)
     FastDVLMSpeculative.validate_request(r)
     assert r.dllm_algo_state.greedy
@@ -984,6 +996,57 @@ def test_pinned_draft_length(sgl, k, page_size):
         assert all(causal for _, causal, *_ in rounds), "an AR step runs no draft pass"
     sizes = {c[2][0] for c in rounds}
     assert max(sizes) <= len(specs) * (k + 1)
+    assert h.alloc.available_size() == h.initial_free
+
+
+# SGLang wants a tokenizer for min_new_tokens (its eos_token_id); this one has no extra stop ids.
+NO_STRINGS_TOKENIZER = SimpleNamespace(eos_token_id=None, additional_stop_token_ids=None)
+
+
+def adjusted_oracle(prompt: list[int], n: int, eos: set[int], **options) -> list[int]:
+    """AR on the fake LM with AR's logit adjustments at each step (`decoding.sampling`)."""
+    from fast_dvlm_sglang.decoding.sampling import SamplingParams, adjust_logits
+
+    params = SamplingParams(**options)
+    out, tok, pos = [], prompt[-1], len(prompt) - 1
+    while len(out) < n:
+        logits = torch.nn.functional.one_hot(nxt(torch.tensor(tok), torch.tensor(pos)), V).float() * 10
+        tok = int(adjust_logits(logits, params, len(out), eos).argmax())
+        pos += 1
+        out.append(tok)
+        if tok in eos:
+            break
+    return out
+
+
+@pytest.mark.parametrize("draft_length", [None, 0, 3, 7])
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_logit_bias_and_min_new_tokens_apply_at_every_verify_position(sgl, draft_length, page_size):
+    """logit_bias and min_new_tokens are AR's at each position of a round: three requests in the
+    same rounds (a bias that moves the answer, a min_new_tokens that holds the EOS off, neither)
+    each equal AR with its own adjustments, at every draft length and the adaptive policy. The
+    bias ranks the replacements strictly (no argmax ties); the fake LM's logits are one-hot x 10."""
+    config = {} if draft_length is None else {"draft_length": draft_length}
+    h = Harness(page_size, algorithm_config=config)
+    prompt = [3, 1, 4, 1, 5]
+    free = oracle(prompt, 40, set())
+    banned = free[2]  # the third answer token: the bias pushes it below 0, token 7 wins instead
+    eos = free[1]  # without min_new_tokens the answer ends at its second token
+    bias = {str(banned): -25.0, "7": 3.0, "9": 2.0}
+    cases = [
+        ({"logit_bias": bias}, set(), {"logit_bias": ((banned, -25.0), (7, 3.0), (9, 2.0))}),
+        ({"min_new_tokens": 12, "logit_bias": {"11": 1.0}}, {eos},
+         {"min_new_tokens": 12, "logit_bias": ((11, 1.0),)}),
+        ({}, {eos}, {}),
+    ]
+    reqs = [h.add(prompt, max_new_tokens=40, eos=e, tokenizer=NO_STRINGS_TOKENIZER, **sglang)
+            for sglang, e, _ in cases]
+    h.run()
+    for req, (_, e, ours) in zip(reqs, cases):
+        assert _ids(req) == adjusted_oracle(prompt, 40, e, **ours), ours
+    biased, held, plain = (_ids(r) for r in reqs)
+    assert biased != free and banned not in biased[:3]  # the bias changed the answer
+    assert plain == free[:2] and len(held) >= 12 and eos not in held[:12]
     assert h.alloc.available_size() == h.initial_free
 
 

@@ -19,12 +19,13 @@ import concurrent.futures as cf
 import io
 import json
 import time
+from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
-from sglang_helpers import generate, image_url, prometheus_value  # noqa: E402
+from sglang_helpers import generate, image_url, prometheus_value, wait_for  # noqa: E402
 from tie_aware_server import ReferenceTieCheck  # noqa: E402
 
 from fast_dvlm_sglang.demo import DEMO_CHECKPOINT  # noqa: E402
@@ -80,7 +81,8 @@ class Reference:
 
         return render_chat(self.proc, messages, add_generation_prompt=True)
 
-    def run(self, messages, max_new_tokens: int, algorithm: str = "ar", draft_policy=None, **sampling):
+    def run(self, messages, max_new_tokens: int, algorithm: str = "ar", draft_policy=None, eos_token_ids=None,
+            **sampling):
         from fast_dvlm_sglang.decoding import GenerationConfig, Prompt, SamplingParams
         from fast_dvlm_sglang.decoding import generate as ref_generate
         from fast_dvlm_sglang.processing import encode_chat
@@ -88,7 +90,8 @@ class Reference:
         enc = encode_chat(self.proc, messages)
         return ref_generate(self.model, Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw),
                             GenerationConfig(algorithm=algorithm, max_new_tokens=max_new_tokens,
-                                             sampling=SamplingParams(**sampling), draft_policy=draft_policy))
+                                             sampling=SamplingParams(**sampling), draft_policy=draft_policy,
+                                             eos_token_ids=eos_token_ids))
 
     def ar(self, messages, max_new_tokens: int) -> list[int]:
         return self.run(messages, max_new_tokens).token_ids
@@ -97,6 +100,11 @@ class Reference:
 @pytest.fixture(scope="module")
 def tiny_ref(tiny_checkpoints):
     return Reference(tiny_checkpoints["new"])
+
+
+def _free_kv(server) -> float:
+    """Free KV slots plus those only the radix tree holds (evictable)."""
+    return prometheus_value(server, "sglang:kv_available_tokens") + prometheus_value(server, "sglang:kv_evictable_tokens")
 
 
 def _check_metrics(meta: dict, n_tokens: int, block_size: int = 32) -> tuple[int, int]:
@@ -222,6 +230,50 @@ def test_sampling_same_seed_same_output(spec_server_tiny, tiny_ref):
 
 
 
+def test_n_choices_are_independent_requests(spec_server_tiny, tiny_ref):
+    """`n > 1` is SGLang's own fan-out (a max_new_tokens=0 warm-up that caches the prompt, then n
+    copies of the request): each choice is its own request, with its own state and generator.
+    Greedy: every choice is the AR answer. Seeded: every choice is the one answer that seed gives
+    alone (SGLang gives the copies the same sampling params, seed included, as for AR). Unseeded:
+    each choice draws its own seed. The KV pool gets every slot back (free or evictable)."""
+    import httpx
+
+    msgs, url, _ = _tiny_prompts()[1]
+    text, n = tiny_ref.text(msgs), 24
+    total = httpx.get(spec_server_tiny.base_url + "/server_info", timeout=30).json()["max_total_num_tokens"]
+
+    def native(count, **sampling):
+        body = {"text": text, "image_data": url, "sampling_params": {"max_new_tokens": n, "n": count, **sampling}}
+        r = httpx.post(spec_server_tiny.base_url + "/generate", json=body, timeout=300)
+        r.raise_for_status()
+        out = r.json()
+        assert isinstance(out, list) and len(out) == count, out
+        return [o["output_ids"] for o in out]
+
+    want = tiny_ref.ar(msgs, n)
+    for i, got in enumerate(native(3, temperature=0)):
+        tiny_ref.tie_check.check(msgs, want, got, f"greedy choice {i}")
+    sampled = {"temperature": 0.9, "top_p": 0.95, "ignore_eos": True}
+    solo = generate(spec_server_tiny, text, image=url, max_new_tokens=n, sampling_seed=5, **sampled)["output_ids"]
+    assert native(2, sampling_seed=5, **sampled) == [solo, solo]
+    unseeded = native(4, **sampled)
+    assert len({tuple(c) for c in unseeded}) > 1, unseeded
+
+    client = spec_server_tiny.client()
+    chat = client.chat.completions.create(model=spec_server_tiny.model, messages=msgs, max_tokens=n,
+                                          temperature=0, n=2)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content
+    streamed = {0: "", 1: ""}
+    for chunk in client.chat.completions.create(model=spec_server_tiny.model, messages=msgs, max_tokens=n,
+                                                temperature=0, n=2, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == {0: chat.choices[0].message.content, 1: chat.choices[1].message.content}
+    assert wait_for(lambda: _free_kv(spec_server_tiny) == total), (_free_kv(spec_server_tiny), total)
+    assert spec_server_tiny.healthy()
+
+
 def test_prometheus_counters_add_up_to_the_responses(spec_server_tiny, tiny_ref):
     """`/metrics` (--enable-metrics) counts what the responses report: tokens, forwards (NFE),
     rounds and accepted drafts; the per-round histogram has one sample per round."""
@@ -285,6 +337,38 @@ def test_demo_greedy_equals_ar_for_16_concurrent_requests(demo_spec):
     stats = _concurrent_equals_ar(server, ref, convs)
     print(f"\ndemo spec: {json.dumps(stats)}")
     assert stats["tokens_per_nfe"] > 2.0
+
+
+def _sglang_stop_ids(path, tokenizer) -> tuple[int, ...]:
+    """What SGLang ends an answer on and what its min_new_tokens bans: the generation config's EOS
+    ids, the model config's, and the tokenizer's EOS."""
+    ids = {tokenizer.eos_token_id}
+    for name in ("config.json", "generation_config.json"):
+        eos = json.loads((Path(path) / name).read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def test_demo_logit_bias_and_min_new_tokens_equal_ar_with_them(demo_spec):
+    """Four concurrent requests, each with a bias that bans its unbiased answer's second token and
+    a min_new_tokens past its unbiased end: spec through the server == the reference AR with the
+    same adjustments, and the adjustments changed the answers."""
+    server, ref = demo_spec
+    stops = _sglang_stop_ids(DEMO_CHECKPOINT, ref.proc.tokenizer)
+    convs = [c for c in _demo_prompts() if c[2] >= 7][:4]
+    jobs = []
+    for msgs, url, n in convs:
+        plain = ref.run(msgs, n, eos_token_ids=stops).token_ids
+        options = {"logit_bias": {str(plain[1]): -100.0}, "min_new_tokens": len(plain) + 3}
+        want = ref.run(msgs, n + 8, eos_token_ids=stops, logit_bias=((plain[1], -100.0),),
+                       min_new_tokens=len(plain) + 3).token_ids
+        assert want != plain and plain[1] not in want and len(want) >= len(plain) + 3
+        jobs.append((msgs, url, n + 8, options, want))
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(lambda j: generate(server, ref.text(j[0]), image=j[1], max_new_tokens=j[2], **j[3]),
+                            jobs))
+    for i, (body, job) in enumerate(zip(got, jobs)):
+        assert body["output_ids"] == job[4], (i, job[3])
 
 
 @pytest.mark.parametrize("k", [0, 1, 4, 8, 16, 31])
