@@ -196,11 +196,13 @@ def test_mdm_never_emits_the_mask_token(model, temperature):
         assert favoured.token_ids == plain.token_ids
 
 
-def test_greedy_spec_equals_ar_with_logit_bias_and_min_new_tokens(model, tie_aware):
+def test_greedy_spec_equals_ar_with_logit_adjustments(model, tie_aware):
     """AR's logit adjustments apply at every verify position of spec as at every AR step: greedy
     spec == greedy AR with the same adjustments. The bias bans each prompt's unbiased second
-    token and favours two others; min_new_tokens holds every EOS off for 15 tokens."""
+    token and favours two others; min_new_tokens holds every EOS off for 15 tokens; the
+    penalties count the output and the drafts before each position."""
     eos = (5, 17, 42, 99, 123)
+    penalties_bit = 0
     for i, prompt in enumerate(random_prompts(9, seed=23)):
         plain = generate(model, prompt, GenerationConfig("ar", max_new_tokens=30, eos_token_ids=()))
         bias = ((plain.token_ids[1], -100.0), (7, 2.5), (11, 1.5))
@@ -212,6 +214,14 @@ def test_greedy_spec_equals_ar_with_logit_bias_and_min_new_tokens(model, tie_awa
             tie_aware.check(prompt, ar.token_ids, spec.token_ids, f"adjusted prompt {i}, block {block}")
         assert plain.token_ids[1] not in ar.token_ids
         assert len(ar.token_ids) >= 15 and not set(ar.token_ids[:14]) & set(eos)
+        penalised = SamplingParams(frequency_penalty=0.7, presence_penalty=0.4, repetition_penalty=1.4)
+        ar = generate(model, prompt, GenerationConfig("ar", max_new_tokens=30, sampling=penalised, eos_token_ids=()))
+        penalties_bit += ar.token_ids != plain.token_ids  # only where the plain answer repeats a token
+        for block in (4, 32):
+            spec = generate(model, prompt, GenerationConfig("spec", max_new_tokens=30, block_size=block,
+                                                            sampling=penalised, eos_token_ids=()))
+            tie_aware.check(prompt, ar.token_ids, spec.token_ids, f"penalised prompt {i}, block {block}")
+    assert penalties_bit >= 3, penalties_bit
 
 
 def test_adjust_logits_is_ar_s_order_of_operations():
@@ -227,12 +237,22 @@ def test_adjust_logits_is_ar_s_order_of_operations():
     assert torch.equal(got, want) and not torch.equal(logits, got)
     assert torch.equal(adjust_logits(logits, params, produced=6, stop_token_ids=(4,))[:, 4], logits[:, 4])
     assert adjust_logits(logits, SamplingParams(), 0, (4,)) is logits  # nothing to do: no copy
+    # penalties: position j counts the history and the row's tokens before it
+    pen = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25, repetition_penalty=2.0)
+    penalised = adjust_logits(logits, pen, 2, history=[3, 3], row_tokens=torch.tensor([7, 3, 7, 1]))
+    for j, before in enumerate([[3, 3], [3, 3, 7], [3, 3, 7, 3], [3, 3, 7, 3, 7], [3, 3, 7, 3, 7, 1]]):
+        row = logits[j].clone()
+        for t in set(before):
+            row[t] -= 0.5 * before.count(t) + 0.25
+            row[t] = row[t] * 2.0 if row[t] < 0 else row[t] / 2.0
+        torch.testing.assert_close(penalised[j], row, rtol=0, atol=1e-6)
     assert torch.equal(adjust_logits(logits[0], params, 0, (4,)), got[0].where(torch.arange(20) != 8, logits[0, 8]))
 
 
 def test_mdm_refuses_logit_adjustments(model):
     prompt = random_prompts(1, seed=5)[0]
-    for params in (SamplingParams(logit_bias=((3, 1.0),)), SamplingParams(min_new_tokens=4)):
+    for params in (SamplingParams(logit_bias=((3, 1.0),)), SamplingParams(min_new_tokens=4),
+                   SamplingParams(repetition_penalty=1.2)):
         with pytest.raises(ValueError, match="mdm does not support"):
             generate(model, prompt, GenerationConfig("mdm", max_new_tokens=8, sampling=params))
 
@@ -289,3 +309,5 @@ def test_invalid_settings_are_rejected():
         SamplingParams(min_p=1.5)
     with pytest.raises(ValueError, match="min_new_tokens"):
         SamplingParams(min_new_tokens=-1)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=0)

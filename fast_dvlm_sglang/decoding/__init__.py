@@ -36,8 +36,8 @@ def generate(model, prompt: Prompt, config: GenerationConfig, tokenizer=None, ca
         ar_decode(session, out, params, generator, stop_token_ids=tuple(eos))
     elif config.algorithm == "mdm":
         if params.adjusts_logits:
-            raise ValueError("mdm does not support logit_bias or min_new_tokens: a block's positions are "
-                             "chosen together, not one after another as AR chooses them")
+            raise ValueError("mdm does not support logit_bias, min_new_tokens or penalties: a block's "
+                             "positions are chosen together, not one after another as AR chooses them")
         mdm_decode(session, out, params, generator, block_size=block_size, sub_block_size=config.sub_block_size,
                    threshold=config.threshold, mask_id=cfg.mask_token_id)
     else:

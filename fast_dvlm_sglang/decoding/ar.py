@@ -10,7 +10,7 @@ from .session import DecodeSession
 def ar_decode(session: DecodeSession, out: OutputTokens, params, generator, stop_token_ids=()) -> None:
     logits = session.prefill()
     while True:
-        logits = adjust_logits(logits, params, len(out.tokens), stop_token_ids)
+        logits = adjust_logits(logits, params, len(out.tokens), stop_token_ids, history=out.tokens)
         token = int(sample_tokens(logits, params, generator)[0])
         out.extend([token])
         if out.finished:

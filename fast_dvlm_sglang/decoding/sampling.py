@@ -2,15 +2,19 @@
 sampling drawn from a per-request `torch.Generator` (so a fixed seed reproduces a generation).
 
 Before the choice, `adjust_logits` applies what SGLang's AR sampler applies to a position's logits
-(`SamplingBatchInfo.apply_logits_bias`, in that order): the `min_new_tokens` ban (every stop token
-at -inf while fewer than `min_new_tokens` tokens are out), then the additive `logit_bias`. They
-depend on the position only through the number of tokens produced before it, so a verify pass
-applies them to each of its positions as AR would have at that position."""
+(`SamplingBatchInfo.apply_logits_bias`, in that order): its penalizers (the additive ones, the
+frequency and presence penalties and the `min_new_tokens` ban of every stop token while fewer than
+`min_new_tokens` tokens are out, then the multiplicative repetition penalty, over the output
+tokens before the position; the prompt is not counted, as in SGLang), then the additive
+`logit_bias`. They depend on the position only through the output tokens before it, so a verify
+pass applies them to each of its positions as AR would have at that position. (SGLang applies its
+penalizers in the iteration order of a set of classes; additive before multiplicative is the order
+of its overlap and speculative paths, and the only one a test can pin.)"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +29,9 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens less likely than min_p x the likeliest (after temperature)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit), OpenAI's logit_bias
     min_new_tokens: int = 0  # stop tokens banned until this many tokens are out
+    frequency_penalty: float = 0.0  # minus this x the token's count in the output so far
+    presence_penalty: float = 0.0  # minus this once the token is in the output
+    repetition_penalty: float = 1.0  # tokens in the output: logit / p if positive, x p if negative
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -37,10 +44,17 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def penalizes(self) -> bool:
+        """Penalties that count the output so far."""
+        return bool(self.frequency_penalty) or bool(self.presence_penalty) or self.repetition_penalty != 1.0
 
     @property
     def adjusts_logits(self) -> bool:
-        return bool(self.logit_bias) or self.min_new_tokens > 0
+        return bool(self.logit_bias) or self.min_new_tokens > 0 or self.penalizes
 
     @property
     def greedy(self) -> bool:
@@ -54,19 +68,47 @@ class SamplingParams:
         return gen
 
 
+def output_counts(history: Sequence[int], row_tokens: torch.Tensor | None, n: int, vocab: int,
+                  device) -> torch.Tensor:
+    """[n, V] counts of each token among the output before each of n consecutive positions: the
+    committed output `history`, then, for position j, the row's own tokens row_tokens[:j] (a
+    verify pass's drafts: position j follows the seed and d_1..d_j)."""
+    base = torch.zeros(vocab, dtype=torch.float32, device=device)
+    if len(history):
+        ids = torch.as_tensor(list(history), dtype=torch.long, device=device)
+        base.index_add_(0, ids.clamp(0, vocab - 1), torch.ones_like(ids, dtype=torch.float32))
+    counts = base.expand(n, vocab).clone()
+    if row_tokens is not None and n > 1:
+        steps = torch.nn.functional.one_hot(row_tokens[:n - 1].long().clamp(0, vocab - 1), vocab).float()
+        counts[1:] += steps.cumsum(0)
+    return counts
+
+
 def adjust_logits(logits: torch.Tensor, params: SamplingParams, produced: int,
-                  stop_token_ids: Iterable[int] = ()) -> torch.Tensor:
+                  stop_token_ids: Iterable[int] = (), history: Sequence[int] = (),
+                  row_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [n, V] (or [V]: n = 1) of n consecutive positions, the first choosing output token
-    number `produced` (0: the first answer token), with the min_new_tokens ban and the logit_bias
-    applied (a new tensor; `logits` unchanged). `stop_token_ids`: what ends the answer."""
+    number `produced` (0: the first answer token), with AR's adjustments applied (a new tensor;
+    `logits` unchanged). `stop_token_ids`: what ends the answer; `history`: the output tokens
+    before the first position (`produced` of them; only penalties read it); `row_tokens`: the
+    tokens at positions 1..n-1 (the penalties count them for the positions after them)."""
     if not params.adjusts_logits:
         return logits
     vocab = logits.shape[-1]
     out = logits.reshape(-1, vocab).clone()
+    if params.penalizes:
+        counts = output_counts(history, row_tokens, out.shape[0], vocab, out.device).to(out.dtype)
+        if params.frequency_penalty:
+            out -= params.frequency_penalty * counts
+        if params.presence_penalty:
+            out -= params.presence_penalty * (counts > 0).to(out.dtype)
     banned_rows = max(0, min(out.shape[0], params.min_new_tokens - produced))
     stops = [t for t in stop_token_ids if 0 <= t < vocab]
     if banned_rows and stops:
         out[:banned_rows, stops] = float("-inf")
+    if params.penalizes and params.repetition_penalty != 1.0:
+        p = torch.where(counts > 0, params.repetition_penalty, 1.0).to(out.dtype)
+        out = torch.where(out < 0, out * p, out / p)
     if params.logit_bias:
         bias = torch.zeros(vocab, dtype=out.dtype, device=out.device)
         for token, value in params.logit_bias:

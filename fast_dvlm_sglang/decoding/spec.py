@@ -50,9 +50,10 @@ def spec_decode(session, out, params, generator, *, block_size: int, mask_id: in
     Draft tokens are always argmax (the draft only proposes). The verify tokens follow the
     request's sampling settings: greedy gives AR greedy exactly; with temperature > 0 each
     emitted token is a sample of the causal distribution given the accepted prefix, i.e. a
-    valid AR sample (not the same random stream as `ar`). The logit adjustments (`logit_bias`,
-    `min_new_tokens`) apply to every verify position as AR applies them there, and to the draft's
-    positions too (the draft then proposes what the verify pass can accept).
+    valid AR sample (not the same random stream as `ar`). The logit adjustments (penalties,
+    `logit_bias`, `min_new_tokens`) apply to every verify position as AR applies them there (the
+    penalties count the output and the drafts before the position), and to the draft's positions
+    too (the draft then proposes what the verify pass can accept).
     """
     from .sampling import SamplingParams, adjust_logits, sample_tokens
 
@@ -71,13 +72,15 @@ def spec_decode(session, out, params, generator, *, block_size: int, mask_id: in
             masks = torch.full((length - 1,), mask_id, dtype=torch.long, device=device)
             draft_logits = session.forward(torch.cat([seed, masks]), bidirectional=True, write=False)
             produced = len(out.tokens)  # the seed's successor is output token number `produced`
-            draft = sample_tokens(adjust_logits(draft_logits[:-1], params, produced, stop_token_ids), greedy)[0]
+            # penalties: the draft's own tokens are not known yet, so every position counts the output so far
+            draft = sample_tokens(adjust_logits(draft_logits[:-1], params, produced, stop_token_ids,
+                                                history=out.tokens), greedy)[0]
         else:
             draft = seed.new_empty(0)
         base = session.cache.length
         verify_logits = session.forward(torch.cat([seed, draft]), bidirectional=False, write=True)
-        verify = sample_tokens(adjust_logits(verify_logits, params, len(out.tokens), stop_token_ids), params,
-                               generator)[0]
+        verify = sample_tokens(adjust_logits(verify_logits, params, len(out.tokens), stop_token_ids,
+                                             history=out.tokens, row_tokens=draft), params, generator)[0]
         k = accept_longest_prefix(draft[None], verify[None, :-1])
         new = committed_tokens(draft[None], verify[None], k)[0]
         k = int(k[0])

@@ -126,9 +126,6 @@ def spec_refusal(get, return_logprob: bool, custom_logit_processor, block_size) 
     refused = []
     if get("json_schema") or get("regex") or get("ebnf") or get("structural_tag"):
         refused.append("constrained decoding (json_schema / regex / ebnf / structural_tag)")
-    repetition = get("repetition_penalty")
-    if get("frequency_penalty") or get("presence_penalty") or (repetition is not None and repetition != 1.0):
-        refused.append("frequency / presence / repetition penalties")
     if get("beam_width") is not None:
         refused.append("beam search")
     if return_logprob:

@@ -59,7 +59,6 @@ server-wide counters are in `/metrics` (`metrics.py`: rounds, accepted drafts, t
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 from . import metrics
@@ -146,8 +145,7 @@ def apply_round(req, tokens: list[int], state: SpecState, req_to_token_pool, all
         req.dllm_algo_state = None
     else:
         acceptance = state.acceptance if policy is None else policy.update(state.acceptance, drafted, n - 1)
-        req.dllm_algo_state = dataclasses.replace(state, budget=budget(req), acceptance=acceptance,
-                                                  produced=len(req.output_ids))
+        req.dllm_algo_state = state.committed(req.output_ids, budget=budget(req), acceptance=acceptance)
     return freed
 
 
@@ -182,8 +180,7 @@ def adopt_context_state(req, state) -> bool:
     req.full_untruncated_fill_ids.append(state.seed)
     _record_metrics(req, state, 1, 0)
     req.update_finish_state(new_accepted_len=1)
-    req.dllm_algo_state = (None if req.finished() else
-                           dataclasses.replace(state, budget=budget(req), produced=len(req.output_ids)))
+    req.dllm_algo_state = None if req.finished() else state.committed(req.output_ids, budget=budget(req))
     return True
 
 

@@ -49,10 +49,10 @@ with the request's `sampling_seed` (OpenAI `seed`); a token is accepted while th
 verify sample, so every emitted token is an AR sample given the accepted prefix. Each request's
 generator is consumed exactly as the reference decoder consumes its own, so the same seed gives
 the same output whatever else is in the batch. `min_p` filters the verify distribution;
-`logit_bias` and `min_new_tokens` adjust the logits of every verify position (and of the draft
-positions, so drafts propose what verify can accept) as SGLang's AR sampler adjusts them at that
-position: `decoding.sampling.adjust_logits`, with the number of output tokens before the
-position (`SpecState.produced` + its index in the row).
+penalties, `logit_bias` and `min_new_tokens` adjust the logits of every verify position (and of
+the draft positions, so drafts propose what verify can accept) as SGLang's AR sampler adjusts them
+at that position: `decoding.sampling.adjust_logits`, with the output before the position (the
+committed output, `SpecState.produced` / `history`, then the row's drafts before it).
 
 Per-request state lives on the request; this object holds configuration only.
 """
@@ -113,7 +113,12 @@ class SpecState:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_new_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()  # what min_new_tokens bans: EOS and stop tokens, as SGLang's
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     produced: int = 0  # output tokens committed so far: the seed's successor is output token `produced`
+    # The committed output (a copy, kept only for a request with penalties, which count it).
+    history: tuple[int, ...] = field(default=(), compare=False, repr=False)
     # The next round's width (verify tokens: the seed + its drafts), chosen by the scheduler
     # (`draft_length.py`); 0: not chosen (a full block, capped by the budget).
     width: int = 0
@@ -135,7 +140,10 @@ class SpecState:
         min_new = int(getattr(sampling_params, "min_new_tokens", 0) or 0)
         common = dict(sampling_seed=sampling_params.sampling_seed, draft_length=pin,
                       logit_bias=tuple(sorted(bias.items())), min_new_tokens=min_new,
-                      stop_token_ids=tuple(sorted(set(stop_token_ids))) if min_new else ())
+                      stop_token_ids=tuple(sorted(set(stop_token_ids))) if min_new else (),
+                      frequency_penalty=float(getattr(sampling_params, "frequency_penalty", 0.0) or 0.0),
+                      presence_penalty=float(getattr(sampling_params, "presence_penalty", 0.0) or 0.0),
+                      repetition_penalty=float(getattr(sampling_params, "repetition_penalty", 1.0) or 1.0))
         if top_k == 1 or sampling_params.temperature <= 0:
             return cls(**common)
         return cls(temperature=float(sampling_params.temperature), top_p=float(sampling_params.top_p),
@@ -149,11 +157,22 @@ class SpecState:
     def params(self, vocab_size: int) -> SamplingParams:
         top_k = self.top_k if 0 < self.top_k < vocab_size else 0
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=top_k, min_p=self.min_p,
-                              logit_bias=self.logit_bias, min_new_tokens=self.min_new_tokens)
+                              logit_bias=self.logit_bias, min_new_tokens=self.min_new_tokens,
+                              frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                              repetition_penalty=self.repetition_penalty)
+
+    @property
+    def penalizes(self) -> bool:
+        return bool(self.frequency_penalty) or bool(self.presence_penalty) or self.repetition_penalty != 1.0
 
     @property
     def adjusts_logits(self) -> bool:
-        return bool(self.logit_bias) or self.min_new_tokens > self.produced
+        return bool(self.logit_bias) or self.min_new_tokens > self.produced or self.penalizes
+
+    def committed(self, output_ids, **changes) -> SpecState:
+        """This state after a commit that left `output_ids` as the request's output."""
+        history = tuple(output_ids) if self.penalizes else ()
+        return dataclasses.replace(self, produced=len(output_ids), history=history, **changes)
 
     def with_generator(self, device) -> SpecState:
         if self.greedy or self.generator is not None:
@@ -177,22 +196,28 @@ def stop_token_ids(req) -> set[int]:
     return {int(t) for t in ids if t is not None}
 
 
-def adjusted_rows(logits: torch.Tensor, state: SpecState, start: int, n: int) -> torch.Tensor:
+def adjusted_rows(logits: torch.Tensor, state: SpecState, start: int, n: int,
+                  inputs: torch.Tensor | None = None) -> torch.Tensor:
     """Row `state`'s logits at flat positions [start, start + n), the first choosing its output
-    token `state.produced`, with AR's logit adjustments (`decoding.sampling.adjust_logits`)."""
+    token `state.produced`, with AR's logit adjustments (`decoding.sampling.adjust_logits`);
+    `inputs`: the flat input ids, whose row tokens after the seed (the drafts) the penalties count
+    for the positions after them (None: every position counts the committed output only)."""
+    row_tokens = None if inputs is None or not state.penalizes else inputs[start + 1:start + n]
     return adjust_logits(logits[start:start + n], state.params(logits.shape[-1]), state.produced,
-                         state.stop_token_ids)
+                         state.stop_token_ids, history=state.history, row_tokens=row_tokens)
 
 
-def choose_tokens(logits: torch.Tensor, states: list[SpecState], starts: list[int], lengths: list[int]) -> torch.Tensor:
+def choose_tokens(logits: torch.Tensor, states: list[SpecState], starts: list[int], lengths: list[int],
+                  inputs: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens [T] for flat logits [T, V]: argmax, then for each row that samples or adjusts its
     logits, its choice for its `lengths[i]` positions from `starts[i]` on (a draw from its own
-    generator, or the argmax of its adjusted logits); other positions stay argmax."""
+    generator, or the argmax of its adjusted logits); other positions stay argmax. `inputs`: the
+    flat input ids of a verify pass (`adjusted_rows`)."""
     tokens = logits.argmax(dim=-1)
     for state, start, n in zip(states, starts, lengths):
         if state.greedy and not state.adjusts_logits:
             continue
-        rows = adjusted_rows(logits, state, start, n) if state.adjusts_logits else logits[start:start + n]
+        rows = adjusted_rows(logits, state, start, n, inputs) if state.adjusts_logits else logits[start:start + n]
         tokens[start:start + n] = (rows.argmax(dim=-1) if state.greedy else
                                    sample_tokens(rows, state.params(logits.shape[-1]), state.generator)[0])
     return tokens
@@ -358,7 +383,7 @@ class FastDVLMSpeculative(DllmAlgorithm):
             prepare_block_embeds(model_runner, forward_batch)
             with causal_pass():
                 out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
-        verify = choose_tokens(out.logits_output.full_logits, states, starts, lengths)[rows]  # [bs, width]
+        verify = choose_tokens(out.logits_output.full_logits, states, starts, lengths, ids)[rows]  # [bs, width]
         draft = ids.long()[rows[:, 1:]]  # [bs, width - 1]: d_1..d_{width-1} (clamped past a row's end)
 
         # Accept d_1..d_k with k < lengths, then v_{k+1} is the next seed (committed too).

@@ -343,16 +343,15 @@ REFUSALS = {
     "chat_logprobs": ("/v1/chat/completions", lambda: chat(image_url(), logprobs=True), "logprobs"),
     "chat_json_schema": ("/v1/chat/completions", lambda: chat(image_url(), response_format={
         "type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}), "constrained decoding"),
-    "chat_repetition_penalty": ("/v1/chat/completions", lambda: chat(image_url(), repetition_penalty=1.3),
-                                "penalties"),
+    "chat_regex": ("/v1/chat/completions", lambda: chat(image_url(), regex="[a-z]+"), "constrained decoding"),
     "chat_unknown_model": ("/v1/chat/completions", lambda: chat(image_url()) | {"model": "no-such-model"},
                            "does not exist"),
     "chat_too_many_images": ("/v1/chat/completions", lambda: chat([image_url()] * 6), "--max-images"),
     "chat_bad_draft_length": ("/v1/chat/completions", lambda: chat(image_url(), custom_params={"draft_length": 99}),
                               "draft_length"),
-    "completions_presence_penalty": ("/v1/completions", lambda: _completion(presence_penalty=0.5), "penalties"),
+    "completions_logprobs": ("/v1/completions", lambda: _completion(logprobs=2), "logprobs"),
     "completions_unknown_model": ("/v1/completions", lambda: _completion(model="no-such-model"), "does not exist"),
-    "completions_penalty": ("/v1/completions", lambda: _completion(frequency_penalty=0.5), "penalties"),
+    "completions_ebnf": ("/v1/completions", lambda: _completion(ebnf='root ::= "a"'), "constrained decoding"),
     "generate_return_logprob": ("/generate", lambda: _generate() | {"return_logprob": True}, "logprobs"),
     "generate_regex": ("/generate", lambda: _generate(regex="[a-z]+"), "constrained decoding"),
     "generate_out_of_vocab": ("/generate", lambda: {"input_ids": [1, 2, 99999], "sampling_params": {}},
@@ -378,13 +377,15 @@ SERVED_OPTIONS = {
     "chat_logit_bias": ("/v1/chat/completions", lambda: chat(image_url(), logit_bias={"15": 2.0})),
     "completions_n_min_p": ("/v1/completions", lambda: _completion(n=3, temperature=0.8, min_p=0.2)),
     "generate_min_new_tokens": ("/generate", lambda: _generate(min_new_tokens=4)),
+    "chat_penalties": ("/v1/chat/completions", lambda: chat(image_url(), frequency_penalty=0.5, presence_penalty=0.3,
+                                                            repetition_penalty=1.2)),
 }
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("case", list(SERVED_OPTIONS))
 def test_options_spec_honours_are_served_on_every_endpoint(server, baseline, case, stream):
-    """What spec applies as AR does (n > 1, logit_bias, min_p, min_new_tokens) is served, not refused."""
+    """What spec applies as AR does (n > 1, logit_bias, min_p, min_new_tokens, penalties) is served."""
     path, body = SERVED_OPTIONS[case]
     r = post(server, path, body() | ({"stream": True} if stream else {}), stream=stream)
     assert r.status_code == 200, getattr(r, "first_bytes", None) or r.text[:400]

@@ -703,7 +703,7 @@ def test_validate_request_refuses_unsupported_features(sgl):
         r.tokenizer = NO_STRINGS_TOKENIZER
         return r
 
-    for kw in ({"json_schema": "{}"}, {"frequency_penalty": 0.5}, {"repetition_penalty": 1.1}):
+    for kw in ({"json_schema": "{}"}, {"regex": "a+"}):
         assert "does not support" in FastDVLMSpeculative.validate_request(req(**kw))
     r = req(temperature=0.7, top_p=0.9, top_k=20, sampling_seed=3)
     assert FastDVLMSpeculative.validate_request(r) is None
@@ -1011,7 +1011,7 @@ def adjusted_oracle(prompt: list[int], n: int, eos: set[int], **options) -> list
     out, tok, pos = [], prompt[-1], len(prompt) - 1
     while len(out) < n:
         logits = torch.nn.functional.one_hot(nxt(torch.tensor(tok), torch.tensor(pos)), V).float() * 10
-        tok = int(adjust_logits(logits, params, len(out), eos).argmax())
+        tok = int(adjust_logits(logits, params, len(out), eos, history=out).argmax())
         pos += 1
         out.append(tok)
         if tok in eos:
@@ -1021,11 +1021,12 @@ def adjusted_oracle(prompt: list[int], n: int, eos: set[int], **options) -> list
 
 @pytest.mark.parametrize("draft_length", [None, 0, 3, 7])
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_logit_bias_and_min_new_tokens_apply_at_every_verify_position(sgl, draft_length, page_size):
-    """logit_bias and min_new_tokens are AR's at each position of a round: three requests in the
-    same rounds (a bias that moves the answer, a min_new_tokens that holds the EOS off, neither)
-    each equal AR with its own adjustments, at every draft length and the adaptive policy. The
-    bias ranks the replacements strictly (no argmax ties); the fake LM's logits are one-hot x 10."""
+def test_logit_adjustments_apply_at_every_verify_position(sgl, draft_length, page_size):
+    """logit_bias, min_new_tokens and the penalties are AR's at each position of a round: five
+    requests in the same rounds (a bias that moves the answer, a min_new_tokens that holds the EOS
+    off, neither, frequency + presence penalties, a repetition penalty) each equal AR with its own
+    adjustments, at every draft length and the adaptive policy. Biases rank the replacements
+    strictly (no argmax ties); the fake LM's logits are one-hot x 10."""
     config = {} if draft_length is None else {"draft_length": draft_length}
     h = Harness(page_size, algorithm_config=config)
     prompt = [3, 1, 4, 1, 5]
@@ -1039,12 +1040,23 @@ def test_logit_bias_and_min_new_tokens_apply_at_every_verify_position(sgl, draft
          {"min_new_tokens": 12, "logit_bias": ((11, 1.0),)}),
         ({}, {eos}, {}),
     ]
+    # Penalties over the output and the drafts before each position; a graded bias ranks every
+    # token apart, so a penalised truth gives way to one definite token.
+    graded = {str(t): 0.01 * t for t in range(V)}
+    graded_ours = tuple((t, 0.01 * t) for t in range(V))
+    cases += [
+        ({"frequency_penalty": 6.0, "presence_penalty": 5.0, "logit_bias": graded}, set(),
+         {"frequency_penalty": 6.0, "presence_penalty": 5.0, "logit_bias": graded_ours}),
+        ({"repetition_penalty": 1000.0, "logit_bias": graded}, set(),
+         {"repetition_penalty": 1000.0, "logit_bias": graded_ours}),
+    ]
     reqs = [h.add(prompt, max_new_tokens=40, eos=e, tokenizer=NO_STRINGS_TOKENIZER, **sglang)
             for sglang, e, _ in cases]
     h.run()
     for req, (_, e, ours) in zip(reqs, cases):
         assert _ids(req) == adjusted_oracle(prompt, 40, e, **ours), ours
-    biased, held, plain = (_ids(r) for r in reqs)
+    biased, held, plain, counted, repeated = (_ids(r) for r in reqs)
+    assert counted != free and repeated != free and counted != repeated  # the penalties bit
     assert biased != free and banned not in biased[:3]  # the bias changed the answer
     assert plain == free[:2] and len(held) >= 12 and eos not in held[:12]
     assert h.alloc.available_size() == h.initial_free

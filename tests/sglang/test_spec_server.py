@@ -297,7 +297,7 @@ def test_prometheus_counters_add_up_to_the_responses(spec_server_tiny, tiny_ref)
     assert prometheus_value(spec_server_tiny, "fast_dvlm:spec_draft_length_count") >= rounds
 
 
-@pytest.mark.parametrize("extra", [{"logprobs": True}, {"frequency_penalty": 0.5},
+@pytest.mark.parametrize("extra", [{"logprobs": True}, {"top_logprobs": 2, "logprobs": True},
                                    {"response_format": {"type": "json_object"}}])
 def test_unsupported_features_are_refused(spec_server_tiny, extra):
     import httpx
@@ -349,21 +349,30 @@ def _sglang_stop_ids(path, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if i is not None))
 
 
-def test_demo_logit_bias_and_min_new_tokens_equal_ar_with_them(demo_spec):
-    """Four concurrent requests, each with a bias that bans its unbiased answer's second token and
-    a min_new_tokens past its unbiased end: spec through the server == the reference AR with the
-    same adjustments, and the adjustments changed the answers."""
+def test_demo_logit_adjustments_equal_ar_with_them(demo_spec):
+    """Six concurrent requests: four with a bias that bans the unbiased answer's second token and
+    a min_new_tokens past its unbiased end, two with frequency, presence and repetition penalties:
+    spec through the server == the reference AR with the same adjustments, token for token, and
+    the adjustments changed every answer."""
     server, ref = demo_spec
     stops = _sglang_stop_ids(DEMO_CHECKPOINT, ref.proc.tokenizer)
-    convs = [c for c in _demo_prompts() if c[2] >= 7][:4]
-    jobs = []
-    for msgs, url, n in convs:
+    convs = [c for c in _demo_prompts() if c[2] >= 7][:6]
+    jobs, changed = [], []
+    for i, (msgs, url, n) in enumerate(convs):
         plain = ref.run(msgs, n, eos_token_ids=stops).token_ids
-        options = {"logit_bias": {str(plain[1]): -100.0}, "min_new_tokens": len(plain) + 3}
-        want = ref.run(msgs, n + 8, eos_token_ids=stops, logit_bias=((plain[1], -100.0),),
-                       min_new_tokens=len(plain) + 3).token_ids
-        assert want != plain and plain[1] not in want and len(want) >= len(plain) + 3
+        if i < 4:
+            options = {"logit_bias": {str(plain[1]): -100.0}, "min_new_tokens": len(plain) + 3}
+            ours = {"logit_bias": ((plain[1], -100.0),), "min_new_tokens": len(plain) + 3}
+        else:  # the penalties, held past the answer's end so that they have repeats to count
+            options = {"frequency_penalty": 0.6, "presence_penalty": 0.4, "repetition_penalty": 1.3,
+                       "min_new_tokens": len(plain) + 6}
+            ours = dict(options)
+        want = ref.run(msgs, n + 8, eos_token_ids=stops, **ours).token_ids
+        if i < 4:
+            assert plain[1] not in want and len(want) >= len(plain) + 3
+        changed.append(want != plain)
         jobs.append((msgs, url, n + 8, options, want))
+    assert all(changed)
     with cf.ThreadPoolExecutor(len(jobs)) as pool:
         got = list(pool.map(lambda j: generate(server, ref.text(j[0]), image=j[1], max_new_tokens=j[2], **j[3]),
                             jobs))
