@@ -10,7 +10,8 @@ process). Flags follow the machine: on a host without CUDA, the PyTorch CPU path
 torch_native attention, pytorch sampling, float32, no CUDA graphs, sdpa vision attention, a
 small KV pool, the scheduler sleeping while idle). `--algorithm mdm` adds `--dllm-algorithm
 FastDVLMBlock` with a YAML of the sub-block size and threshold; `spec` one with `cuda_graph: true`
-(`--spec-cuda-graph`), `draft_length` (`--draft-length`) or `forward_cost` (`--forward-cost`); `ar` serves
+(`--spec-cuda-graph`), `draft_length` (`--draft-length`), `constrain_drafts: false`
+(`--unconstrained-drafts`) or `forward_cost` (`--forward-cost`); `ar` serves
 the same weights autoregressively.
 """
 
@@ -51,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-length", type=int, default=None,
                    help="spec: pin every round to this many draft tokens (0: AR steps; default: the adaptive "
                         "policy chooses per request and round)")
+    p.add_argument("--unconstrained-drafts", action="store_true",
+                   help="spec with a grammar (json_schema, regex, ...): draft the plain argmax instead of the "
+                        "best grammatical candidate (README: Structured outputs; for measurements)")
     p.add_argument("--forward-cost", default=None,
                    help="spec: the adaptive policy's cost table (JSON from benchmarks/bench_forward_cost.py; "
                         "default: the built-in table of the device type)")
@@ -203,7 +207,7 @@ def serving_limits(args: argparse.Namespace) -> ServingLimits:
 def algorithm_yaml(args: argparse.Namespace) -> str | None:
     """The `--dllm-algorithm-config` YAML for the chosen algorithm (None: none needed)."""
     spec_only = {"--spec-cuda-graph": args.spec_cuda_graph, "--draft-length": args.draft_length is not None,
-                 "--forward-cost": args.forward_cost is not None}
+                 "--forward-cost": args.forward_cost is not None, "--unconstrained-drafts": args.unconstrained_drafts}
     for flag, given in spec_only.items():
         if given and args.algorithm != "spec":
             raise SystemExit(f"fast-dvlm serve: {flag} needs --algorithm spec")
@@ -218,6 +222,8 @@ def algorithm_yaml(args: argparse.Namespace) -> str | None:
         if args.draft_length < 0:
             raise SystemExit(f"fast-dvlm serve: --draft-length must be >= 0, got {args.draft_length}")
         lines.append(f"draft_length: {args.draft_length}")
+    if args.unconstrained_drafts:
+        lines.append("constrain_drafts: false")
     if args.forward_cost is not None:
         path = Path(args.forward_cost).resolve()
         if not path.is_file():

@@ -249,12 +249,29 @@ def test_adjust_logits_is_ar_s_order_of_operations():
     assert torch.equal(adjust_logits(logits[0], params, 0, (4,)), got[0].where(torch.arange(20) != 8, logits[0, 8]))
 
 
-def test_mdm_refuses_logit_adjustments(model):
+def test_mdm_refuses_output_dependent_adjustments(model):
     prompt = random_prompts(1, seed=5)[0]
-    for params in (SamplingParams(logit_bias=((3, 1.0),)), SamplingParams(min_new_tokens=4),
-                   SamplingParams(repetition_penalty=1.2)):
+    for params in (SamplingParams(min_new_tokens=4), SamplingParams(repetition_penalty=1.2),
+                   SamplingParams(frequency_penalty=0.5)):
         with pytest.raises(ValueError, match="mdm does not support"):
             generate(model, prompt, GenerationConfig("mdm", max_new_tokens=8, sampling=params))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mdm_logit_bias_is_a_shift_of_every_positions_logits(model, seed):
+    """A bias is the same at every position: banning tokens of the plain answer removes them; a
+    bias that is the same constant on every token changes nothing (softmax is shift-invariant,
+    so the confidences and choices are the plain ones, token for token)."""
+    prompt = random_prompts(1, seed=seed)[0]
+    plain = generate(model, prompt, GenerationConfig("mdm", max_new_tokens=24)).token_ids
+    banned = sorted(set(plain[:4]))
+    biased = generate(model, prompt, GenerationConfig("mdm", max_new_tokens=24, sampling=SamplingParams(
+        logit_bias=tuple((t, -1e4) for t in banned)))).token_ids
+    assert not set(banned) & set(biased) and biased != plain
+    vocab = model.config.text.vocab_size
+    flat = generate(model, prompt, GenerationConfig("mdm", max_new_tokens=24, sampling=SamplingParams(
+        logit_bias=tuple((t, 0.5) for t in range(vocab))))).token_ids
+    assert flat == plain
 
 
 @pytest.mark.parametrize("seed", range(5))

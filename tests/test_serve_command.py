@@ -151,15 +151,16 @@ def test_draft_length_and_forward_cost_are_algorithm_config(tmp_path):
 
     table = tmp_path / "cost.json"
     table.write_text('{"fit": {"base": 0.01, "per_token": 0.001}}')
-    argv = ["--model", str(tmp_path), "--draft-length", "0", "--forward-cost", str(table)]
+    argv = ["--model", str(tmp_path), "--draft-length", "0", "--forward-cost", str(table), "--unconstrained-drafts"]
     assert _flag(_cmd(*argv), "--dllm-algorithm-config") == "/tmp/algo.yaml"
     assert yaml.safe_load(serve.algorithm_yaml(serve._parser().parse_args(argv))) == {
-        "draft_length": 0, "forward_cost": str(table.resolve())}
+        "draft_length": 0, "forward_cost": str(table.resolve()), "constrain_drafts": False}
     assert serve.algorithm_yaml(serve._parser().parse_args(["--model", str(tmp_path)])) is None  # adaptive
 
 
 @pytest.mark.parametrize("argv,message", [
     (("--algorithm", "ar", "--draft-length", "3"), "--draft-length needs --algorithm spec"),
+    (("--algorithm", "mdm", "--unconstrained-drafts"), "--unconstrained-drafts needs --algorithm spec"),
     (("--draft-length", "-1"), "must be >= 0"),
     (("--forward-cost", "/nonexistent/cost.json"), "no such file"),
 ])

@@ -35,9 +35,9 @@ def generate(model, prompt: Prompt, config: GenerationConfig, tokenizer=None, ca
     if config.algorithm == "ar":
         ar_decode(session, out, params, generator, stop_token_ids=tuple(eos))
     elif config.algorithm == "mdm":
-        if params.adjusts_logits:
-            raise ValueError("mdm does not support logit_bias, min_new_tokens or penalties: a block's "
-                             "positions are chosen together, not one after another as AR chooses them")
+        if params.penalizes or params.min_new_tokens:
+            raise ValueError("mdm does not support min_new_tokens or penalties: a block's positions are "
+                             "chosen together, not one after another as AR chooses them")
         mdm_decode(session, out, params, generator, block_size=block_size, sub_block_size=config.sub_block_size,
                    threshold=config.threshold, mask_id=cfg.mask_token_id)
     else:

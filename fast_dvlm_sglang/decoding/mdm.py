@@ -60,7 +60,8 @@ def sub_block_active(length: int, sub_block: int, index: int, device=None) -> to
 
 
 def mdm_decode(session, out, params, generator, *, block_size: int, sub_block_size: int, threshold: float, mask_id: int) -> None:
-    """Reference MDM loop over one request (see the module docstring).
+    """Reference MDM loop over one request (see the module docstring). `logit_bias` is added to
+    every position's logits (the first token's and each denoising step's).
 
     The first token of every block comes from causal logits (the prompt prefill, then each
     block's KV-write forward), exactly as an AR step would produce it; the diffusion iterations
@@ -75,12 +76,15 @@ def mdm_decode(session, out, params, generator, *, block_size: int, sub_block_si
     for that and completes the block, so on an answer that ends inside a block it runs up to one
     forward per position left masked after the cut more than counted here.
     """
-    from .sampling import sample_tokens
+    from .sampling import adjust_logits, sample_tokens
+
+    def biased(x):  # `logit_bias`, the same at every position (no output counts: mdm refuses those)
+        return adjust_logits(x, params, 0) if params.logit_bias else x
 
     device = session.model.device
     logits = session.prefill()
     while True:
-        first = sample_tokens(without_mask(logits, mask_id), params, generator)[0]
+        first = sample_tokens(without_mask(biased(logits), mask_id), params, generator)[0]
         block = torch.full((block_size,), mask_id, dtype=torch.long, device=device)
         block[0] = first
         masked = torch.ones(block_size, dtype=torch.bool, device=device)
@@ -91,7 +95,8 @@ def mdm_decode(session, out, params, generator, *, block_size: int, sub_block_si
                 if _ends_inside(block, masked, out):
                     return
                 block_logits = session.forward(block, bidirectional=True, write=False)
-                tokens, conf = sample_tokens(without_mask(shift_logits(block_logits), mask_id), params, generator)
+                tokens, conf = sample_tokens(without_mask(biased(shift_logits(block_logits)), mask_id), params,
+                                             generator)
                 commit = confidence_unmask(conf[None], masked[None], active[None], threshold)[0]
                 block = torch.where(commit, tokens, block)
                 masked &= ~commit

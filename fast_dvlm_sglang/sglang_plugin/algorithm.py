@@ -13,7 +13,9 @@ Per block (SGLang's separate-context-encoding flow, sglang/srt/dllm/mixin/req.py
    causally in the next round.
 
 Per-request state lives on the request (a small dict carried by SGLang through
-`req.dllm_algo_state`); this object holds only configuration. Greedy only (as the reference).
+`req.dllm_algo_state`); this object holds only configuration. Greedy; `logit_bias` is added to
+every position's logits (`with_logit_bias`); what MDM cannot apply is refused at admission
+(`request_checks.mdm_refusal`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,19 @@ def require_fdfo(server_args, owner: str, why: str) -> None:
         raise ValueError(f"{owner} {why}: remove --no-dllm-fdfo")
 
 
+def with_logit_bias(logits: torch.Tensor, forward_batch, positions: int) -> torch.Tensor:
+    """`logits` ([bs, V], or [bs, positions, V]) plus each request's `logit_bias`, the dense rows
+    SGLang builds for the batch (`SamplingBatchInfo.logit_bias`, its own reading of the request's
+    token-id keys), the same at every position: the one logit adjustment that does not depend on
+    the output before a position, so MDM applies it exactly (the reference decoder's `biased`)."""
+    info = getattr(forward_batch, "sampling_info", None)
+    bias = getattr(info, "logit_bias", None)
+    if bias is None:
+        return logits
+    bias = bias[:, :logits.shape[-1]].to(logits.dtype)
+    return logits + (bias[:, None, :] if logits.dim() == 3 else bias)
+
+
 class FastDVLMBlock(DllmAlgorithm):
     supported_architectures = (ARCHITECTURE,)
     requires_separate_context_encoding = True
@@ -66,6 +81,16 @@ class FastDVLMBlock(DllmAlgorithm):
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
 
     @classmethod
+    def validate_request(cls, req) -> str | None:
+        """The HTTP process's refusals (`request_checks.mdm_refusal`), for requests that reach
+        the scheduler another way."""
+        from .request_checks import mdm_refusal
+
+        sp = req.sampling_params
+        return mdm_refusal(lambda name: getattr(sp, name, None), req.return_logprob,
+                           getattr(req, "custom_logit_processor", None))
+
+    @classmethod
     def configure_server_args(cls, server_args) -> None:
         require_fdfo(server_args, cls.__name__, "runs one denoising step per scheduler round")
 
@@ -81,7 +106,8 @@ class FastDVLMBlock(DllmAlgorithm):
             if forward_batch.input_ids.numel() == 0:
                 return None, [], None, None, False
             out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
-            first = without_mask(out.logits_output.next_token_logits, self.mask_id).argmax(dim=-1).tolist()
+            logits = with_logit_bias(out.logits_output.next_token_logits, forward_batch, 1)
+            first = without_mask(logits, self.mask_id).argmax(dim=-1).tolist()
             states = [{"first_token": int(t), "masked": None} for t in first]
             return out.logits_output, [], None, states, out.can_run_graph
         if algo_states is None or any(s is None or "first_token" not in s for s in algo_states):
@@ -107,6 +133,7 @@ class FastDVLMBlock(DllmAlgorithm):
         batch = forward_batch.batch_size
         logits = full_logits.view(batch, self.block_size, -1)
         shifted = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # position j <- logits of j-1
+        shifted = with_logit_bias(shifted, forward_batch, self.block_size)
         ids = forward_batch.input_ids.view(batch, self.block_size)
         masked = torch.stack([s["masked"] for s in states])
         pos = torch.arange(self.block_size, device=ids.device)

@@ -56,6 +56,10 @@ HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
      f"{_KV}:process_dllm_batches", "AROUND"),
     ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin.get_new_batch_dllm",
      f"{_KV}:get_new_batch_dllm", "AROUND"),
+    # Structured outputs (`structured_output.py`): SGLang's dLLM path never polls the grammar
+    # queue, so a request whose grammar compiles asynchronously would wait forever.
+    ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin.get_new_batch_dllm",
+     "fast_dvlm_sglang.sglang_plugin.structured_output:release_ready_grammar_requests", "BEFORE"),
     # The radix cache and chunked prefill (`prefix_cache.py`): a finished request's causal KV
     # goes into the tree (and ends at the pool's capacity, `kv_pressure.next_block_fits_pool`).
     ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin._finish_dllm_request_if_needed",

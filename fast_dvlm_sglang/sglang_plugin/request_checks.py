@@ -117,21 +117,25 @@ def text_too_long(tokenizer_manager, chars: int) -> str | None:
             f"{context} tokens can have ({bound}).")
 
 
-def spec_refusal(get, return_logprob: bool, custom_logit_processor, block_size) -> str | None:
-    """What `FastDVLMSpeculative` cannot honour, from a request's sampling parameters (`get(name)`,
-    SamplingParams field names; `block_size()` is asked only when needed). Shared by the HTTP
-    process and the scheduler."""
-    from . import SPEC_ALGORITHM_NAME
-
+def _neither_algorithm_honours(get, return_logprob: bool, custom_logit_processor) -> list[str]:
+    """Beam search, logprobs and custom logit processors: refused by both dLLM algorithms."""
     refused = []
-    if get("json_schema") or get("regex") or get("ebnf") or get("structural_tag"):
-        refused.append("constrained decoding (json_schema / regex / ebnf / structural_tag)")
     if get("beam_width") is not None:
         refused.append("beam search")
     if return_logprob:
         refused.append("logprobs")
     if custom_logit_processor:
         refused.append("custom logit processors")
+    return refused
+
+
+def spec_refusal(get, return_logprob: bool, custom_logit_processor, block_size) -> str | None:
+    """What `FastDVLMSpeculative` cannot honour, from a request's sampling parameters (`get(name)`,
+    SamplingParams field names; `block_size()` is asked only when needed). Shared by the HTTP
+    process and the scheduler."""
+    from . import SPEC_ALGORITHM_NAME
+
+    refused = _neither_algorithm_honours(get, return_logprob, custom_logit_processor)
     if refused:
         return f"{SPEC_ALGORITHM_NAME} does not support {', '.join(refused)}"
     custom = get("custom_params")
@@ -139,6 +143,29 @@ def spec_refusal(get, return_logprob: bool, custom_logit_processor, block_size) 
         k, block = custom["draft_length"], block_size()
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < block:
             return f"custom_params.draft_length must be an integer in [0, {block - 1}], got {k!r}"
+    return None
+
+
+def mdm_refusal(get, return_logprob: bool, custom_logit_processor) -> str | None:
+    """What `FastDVLMBlock` cannot honour exactly (same arguments as `spec_refusal`). MDM commits
+    tokens by confidence, several per forward and out of order within a sub-block: there is no
+    left-to-right sampling step where a grammar, a per-position logprob, an output count (the
+    penalties, min_new_tokens) or a logit processor would apply. `logit_bias` is the same at every
+    position and is applied (`algorithm.with_logit_bias`). Sampling settings (temperature, top_p,
+    top_k, min_p, seed) are accepted and not applied: MDM is greedy (README)."""
+    from . import ALGORITHM_NAME
+
+    refused = _neither_algorithm_honours(get, return_logprob, custom_logit_processor)
+    if get("json_schema") or get("regex") or get("ebnf") or get("structural_tag"):
+        refused.append("constrained decoding (json_schema / regex / ebnf / structural_tag)")
+    if get("min_new_tokens"):
+        refused.append("min_new_tokens")
+    for name, neutral in (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("repetition_penalty", 1.0)):
+        value = get(name)
+        if value is not None and float(value) != neutral:
+            refused.append(name)
+    if refused:
+        return f"{ALGORITHM_NAME} (mdm) does not support {', '.join(refused)}; use the spec or ar algorithm"
     return None
 
 
@@ -161,19 +188,20 @@ def generate_request_error(tokenizer_manager, obj) -> str | None:
     """Why SGLang must refuse `obj` (a GenerateReqInput, before normalization); None: go on."""
     from sglang.srt.managers.io_struct import GenerateReqInput
 
-    from . import SPEC_ALGORITHM_NAME
+    from . import ALGORITHM_NAME, SPEC_ALGORITHM_NAME
 
     if not isinstance(obj, GenerateReqInput) or not serves_our_model(tokenizer_manager):
         return None
     algorithm = _algorithm(tokenizer_manager)
     params = [p or {} for p in _as_list(obj.sampling_params)] or [{}]
-    if algorithm == SPEC_ALGORITHM_NAME:
+    if algorithm in (SPEC_ALGORITHM_NAME, ALGORITHM_NAME):
         batch = max(len(params), len(_as_list(obj.text)) or 1)
         logprobs = _per_request(obj.return_logprob, batch)
         processors = _per_request(obj.custom_logit_processor, batch)
         for i, p in enumerate(params):
-            error = spec_refusal(p.get, bool(logprobs[min(i, len(logprobs) - 1)]),
-                                 processors[min(i, len(processors) - 1)], lambda: block_size(tokenizer_manager))
+            logprob, processor = bool(logprobs[min(i, len(logprobs) - 1)]), processors[min(i, len(processors) - 1)]
+            error = (spec_refusal(p.get, logprob, processor, lambda: block_size(tokenizer_manager))
+                     if algorithm == SPEC_ALGORITHM_NAME else mdm_refusal(p.get, logprob, processor))
             if error:
                 return error
     limits = current()

@@ -59,9 +59,10 @@ server-wide counters are in `/metrics` (`metrics.py`: rounds, accepted drafts, t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
-from . import metrics
+from . import metrics, structured_output
 from .draft_length import scheduler_policy
 from .speculative import ALGORITHM_NAME, SpecState
 
@@ -130,6 +131,9 @@ def apply_round(req, tokens: list[int], state: SpecState, req_to_token_pool, all
     del fill[offset + 1:]
     fill.extend(tokens)
     req.output_ids.extend(tokens)
+    if state.grammar_walked is not None:  # before the finish checks, which read the matcher
+        # (the walk may have left it terminated by a drafted stop: the rollback undoes that)
+        structured_output.commit(req.grammar, state.grammar_walked, n - 1, tokens[-1])
     keep = offset + n  # the old seed and the n - 1 accepted drafts; the new seed has no KV yet
     freed = rollback_kv(req, keep, req_to_token_pool, allocator)
     req.extend_end = keep
@@ -178,6 +182,8 @@ def adopt_context_state(req, state) -> bool:
         return False
     req.output_ids.append(state.seed)
     req.full_untruncated_fill_ids.append(state.seed)
+    if structured_output.usable(req.grammar):
+        structured_output.commit(req.grammar, 0, 0, state.seed)
     _record_metrics(req, state, 1, 0)
     req.update_finish_state(new_accepted_len=1)
     req.dllm_algo_state = None if req.finished() else state.committed(req.output_ids, budget=budget(req))
@@ -265,6 +271,9 @@ def init_fill_ids_for_dllm(original, req):
     initialized = req.dllm_initialized
     original(req)
     state = req.dllm_algo_state
+    if isinstance(state, SpecState) and state.grammar is not req.grammar and structured_output.usable(req.grammar):
+        # The grammar compiled after admission (SGLang's grammar queue); the rounds need its matcher.
+        state = req.dllm_algo_state = dataclasses.replace(state, grammar=req.grammar)
     if initialized and not req.dllm_incomplete_ids and isinstance(state, SpecState) and state.seed is not None:
         req.dllm_block_offset = req.seqlen - 1
         del req.full_untruncated_fill_ids[-1]

@@ -4,8 +4,10 @@ Per request (SGLang's separate-context-encoding flow plus the scheduler step of
 `spec_scheduler.py`):
 
 1. admission (`validate_request`, SGLang's per-request algorithm entry point): refuse what the
-   algorithm cannot honour (constrained decoding, penalties, logprobs, ...) and put a `SpecState`
-   with the request's sampling settings on the request (`req.dllm_algo_state`);
+   algorithm cannot honour (logprobs, beam search, custom logit processors) and put a `SpecState`
+   with the request's sampling settings on the request (`req.dllm_algo_state`); a grammar
+   (json_schema, regex, ...) is SGLang's matcher on `req.grammar`, walked through each round's
+   drafts (`structured_output.py`);
 2. the prompt (after a retraction: prompt + committed output) goes through one causal EXTEND
    forward, which writes its KV; its last logits give the *seed*, the next token: committed and
    streamed at once (`spec_scheduler.adopt_context_state`, so the first token arrives as soon as
@@ -52,7 +54,9 @@ the same output whatever else is in the batch. `min_p` filters the verify distri
 penalties, `logit_bias` and `min_new_tokens` adjust the logits of every verify position (and of
 the draft positions, so drafts propose what verify can accept) as SGLang's AR sampler adjusts them
 at that position: `decoding.sampling.adjust_logits`, with the output before the position (the
-committed output, `SpecState.produced` / `history`, then the row's drafts before it).
+committed output, `SpecState.produced` / `history`, then the row's drafts before it). A grammar
+masks every verify position the walk reached, after those adjustments (a -inf stays -inf under
+them, so the order is AR's in effect).
 
 Per-request state lives on the request; this object holds configuration only.
 """
@@ -75,13 +79,14 @@ from fast_dvlm_sglang.decoding.sampling import SamplingParams, adjust_logits, sa
 from fast_dvlm_sglang.decoding.spec import accept_longest_prefix
 
 from . import SPEC_ALGORITHM_NAME as ALGORITHM_NAME
+from . import structured_output
 from .algorithm import require_fdfo
 from .attention_modes import algorithm_config, causal_pass, check_graph_runner
 from .draft_length import POLICY_KEYS, policy_from_config
 from .model import copy_to_device, inputs_prepared, prepare_block_embeds, set_extend_mrope_positions
 
 UNLIMITED = 1 << 30
-CONFIG_KEYS = frozenset({"block_size", "cuda_graph"}) | POLICY_KEYS
+CONFIG_KEYS = frozenset({"block_size", "cuda_graph", "constrain_drafts"}) | POLICY_KEYS
 
 
 def check_algorithm_config(algorithm_config: dict | None, block_size: int) -> None:
@@ -91,6 +96,9 @@ def check_algorithm_config(algorithm_config: dict | None, block_size: int) -> No
     if unknown:
         raise ValueError(f"{ALGORITHM_NAME}: unknown --dllm-algorithm-config keys {', '.join(unknown)} "
                          f"(known: {', '.join(sorted(CONFIG_KEYS))})")
+    if not isinstance(cfg.get("constrain_drafts", True), bool):
+        raise ValueError(f"{ALGORITHM_NAME}: --dllm-algorithm-config: constrain_drafts must be true or false, "
+                         f"got {cfg['constrain_drafts']!r}")
     try:
         policy_from_config(cfg, block_size, "cpu")
     except (TypeError, ValueError) as e:
@@ -128,6 +136,11 @@ class SpecState:
     # Forwards after the prompt's prefill, as the reference decoder counts them: 2 per round (1
     # with no room for a draft) plus any context pass re-encoding output (after a retraction).
     nfe: int = 0
+    # The request's grammar matcher (`req.grammar`, SGLang's; attached when the request is scheduled,
+    # `spec_scheduler.init_fill_ids_for_dllm`) and the drafts the round's walk advanced it by
+    # (`structured_output.py`; rolled back at commit).
+    grammar: Any = field(default=None, compare=False, repr=False)
+    grammar_walked: int | None = None  # None: the round walked no grammar
 
     @classmethod
     def from_request(cls, sampling_params, stop_token_ids=()) -> SpecState:
@@ -172,7 +185,7 @@ class SpecState:
     def committed(self, output_ids, **changes) -> SpecState:
         """This state after a commit that left `output_ids` as the request's output."""
         history = tuple(output_ids) if self.penalizes else ()
-        return dataclasses.replace(self, produced=len(output_ids), history=history, **changes)
+        return dataclasses.replace(self, produced=len(output_ids), history=history, grammar_walked=None, **changes)
 
     def with_generator(self, device) -> SpecState:
         if self.greedy or self.generator is not None:
@@ -252,6 +265,15 @@ GRAPH_BACKEND = "triton"
 GRAPH_SAFE_BACKENDS = frozenset({GRAPH_BACKEND, "fast_dvlm_triton"})
 
 
+@dataclass(frozen=True)
+class GrammarWalk:
+    """A round's walk of its constrained rows (`FastDVLMSpeculative._walk_grammars`)."""
+
+    mask: torch.Tensor  # [T, words] host bitmask of the verify positions (all allowed elsewhere)
+    walked: list[int | None]  # per row: drafts the matcher advanced by (None: a row without a grammar)
+    draft_caps: list[int]  # per row: most drafts it may accept
+
+
 class FastDVLMSpeculative(DllmAlgorithm):
     supported_architectures = (ARCHITECTURE,)
     requires_separate_context_encoding = True
@@ -268,6 +290,7 @@ class FastDVLMSpeculative(DllmAlgorithm):
         if self.block_size < 2:
             raise ValueError(f"{ALGORITHM_NAME} needs block_size >= 2, got {self.block_size}")
         check_algorithm_config(config.algorithm_config, self.block_size)
+        self.constrain_drafts = bool((config.algorithm_config or {}).get("constrain_drafts", True))
 
     @classmethod
     def configure_server_args(cls, server_args) -> None:
@@ -275,6 +298,10 @@ class FastDVLMSpeculative(DllmAlgorithm):
         from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
 
         view = resolving_view(server_args)
+        grammar_backend = getattr(view, "grammar_backend", None) or "xgrammar"
+        if grammar_backend not in (*structured_output.SUPPORTED_BACKENDS, "none"):
+            raise ValueError(f"{cls.__name__} walks grammars through xgrammar's token bitmask: use --grammar-backend "
+                             f"{' or '.join(structured_output.SUPPORTED_BACKENDS)} (or none), got {grammar_backend}")
         graphs = view.cuda_graph_config  # resolved before the dLLM hook (arg_groups/pipeline.py)
         if graphs is None or graphs.decode.backend == Backend.DISABLED:
             return
@@ -332,6 +359,13 @@ class FastDVLMSpeculative(DllmAlgorithm):
         # No state: a request SGLang is aborting (it still runs one tiny prefill); greedy is fine.
         states = [s if isinstance(s, SpecState) else SpecState() for s in (algo_states or [None] * bs)]
         states = [s.with_generator(logits.device) for s in states]
+        constrained = [i for i, s in enumerate(states) if structured_output.usable(s.grammar)]
+        if constrained:  # the seed under its grammar's mask (the matcher accepts it at commit)
+            grammar = states[constrained[0]].grammar
+            mask = structured_output.allocate(grammar, bs, logits.shape[-1])
+            for i in constrained:
+                states[i].grammar.fill_vocab_mask(mask, i)
+            structured_output.apply(logits, grammar, mask)
         seeds = choose_tokens(logits, states, list(range(bs)), [1] * bs).tolist()  # the one host sync
         states = [dataclasses.replace(s, seed=int(t), nfe=s.nfe + (s.rounds > 0)) for s, t in zip(states, seeds)]
         return out.logits_output, [], None, states, out.can_run_graph
@@ -358,6 +392,8 @@ class FastDVLMSpeculative(DllmAlgorithm):
         set_extend_mrope_positions(forward_batch)  # once per round: both passes share positions
 
         ids = forward_batch.input_ids
+        constrained = [i for i, s in enumerate(states) if structured_output.usable(s.grammar)]
+        walk = None
         first = rows[:, 0]
         is_start = torch.zeros_like(ids, dtype=torch.bool).index_fill_(0, first, True)
         with inputs_prepared():
@@ -373,17 +409,27 @@ class FastDVLMSpeculative(DllmAlgorithm):
                 forward_batch.mark_forward_metadata_ready(replan_equivalent=True)
                 draft_logits = out.logits_output.full_logits
                 shifted = draft_logits.argmax(dim=-1)
-                for state, start, n in zip(states, starts, lengths):
+                adjusted = {}
+                for i, (state, start, n) in enumerate(zip(states, starts, lengths)):
                     if state.adjusts_logits:  # draft what the verify pass can accept
-                        shifted[start:start + n] = adjusted_rows(draft_logits, state, start, n).argmax(dim=-1)
-                shifted = shifted.to(ids.dtype)
-                ids[1:] = torch.where(is_start[1:], ids[1:], shifted[:-1])
+                        adjusted[i] = adjusted_rows(draft_logits, state, start, n)
+                        shifted[start:start + n] = adjusted[i].argmax(dim=-1)
+                ids[1:] = torch.where(is_start[1:], ids[1:], shifted.to(ids.dtype)[:-1])
+                if constrained:
+                    walk = self._walk_grammars(states, starts, lengths, constrained, ids, draft_logits, adjusted,
+                                               shifted)
+                    draft_len = copy_to_device(torch.tensor(walk.draft_caps, dtype=torch.long), ids.device)
 
             # Verify: [seed, d_1..d_{w-1}] causal; writes the KV kept for the committed tokens.
             prepare_block_embeds(model_runner, forward_batch)
             with causal_pass():
                 out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
-        verify = choose_tokens(out.logits_output.full_logits, states, starts, lengths, ids)[rows]  # [bs, width]
+        verify_logits = out.logits_output.full_logits
+        if constrained and walk is None:  # AR steps (no draft pass): only position 0 has a mask
+            walk = self._walk_grammars(states, starts, lengths, constrained, ids, verify_logits)
+        if walk is not None:  # every verify position the walk reached gets its grammar's mask
+            structured_output.apply(verify_logits, states[constrained[0]].grammar, walk.mask)
+        verify = choose_tokens(verify_logits, states, starts, lengths, ids)[rows]  # [bs, width]
         draft = ids.long()[rows[:, 1:]]  # [bs, width - 1]: d_1..d_{width-1} (clamped past a row's end)
 
         # Accept d_1..d_k with k < lengths, then v_{k+1} is the next seed (committed too).
@@ -392,13 +438,50 @@ class FastDVLMSpeculative(DllmAlgorithm):
         packed = torch.cat([accepted[:, None], next_seed, draft], dim=1).tolist()  # the sync
 
         commits, states_out = [], []
-        for state, row, length in zip(states, packed, lengths):
+        walked = walk.walked if walk is not None else [None] * bs
+        for state, row, length, m in zip(states, packed, lengths, walked):
             k = int(row[0])
             commits.append(row[2:2 + k] + row[1:2])  # d_1..d_k, the next seed
             # NFE as the reference counts it: the forwards this row needed (no draft at length 1).
             states_out.append(dataclasses.replace(state, seed=int(row[1]), rounds=state.rounds + 1, width=length,
-                                                  nfe=state.nfe + 1 + (length > 1)))
+                                                  nfe=state.nfe + 1 + (length > 1), grammar_walked=m))
         return out.logits_output, commits, [len(c) for c in commits], states_out, out.can_run_graph
+
+    def _walk_grammars(self, states, starts, lengths, constrained, ids, logits, adjusted=None, shifted=None):
+        """Walk each constrained row's grammar through its drafts (`structured_output.walk`) and
+        write the walked drafts into `ids`. `logits`: the draft pass's (the candidates: its top
+        tokens per position with `constrain_drafts`, else its argmax `shifted`), or the verify
+        pass's when there was no draft pass (no drafts: position 0's mask only)."""
+        drafting = [i for i in constrained if lengths[i] > 1 and shifted is not None]
+        candidates: dict[int, list[list[int]]] = {i: [] for i in constrained}
+        if drafting:
+            blocks = []
+            for i in drafting:
+                start, n = starts[i], lengths[i]
+                if self.constrain_drafts:  # position j's logits propose d_{j+1} (the token shift)
+                    block = adjusted[i][:n - 1] if i in adjusted else logits[start:start + n - 1]
+                    blocks.append(block.topk(min(structured_output.DRAFT_CANDIDATES, block.shape[-1]), dim=-1).indices)
+                else:
+                    blocks.append(shifted[start:start + n - 1, None])
+            flat = torch.cat(blocks).tolist()  # the one host sync of the walk
+            at = 0
+            for i in drafting:
+                candidates[i] = flat[at:at + lengths[i] - 1]
+                at += lengths[i] - 1
+        mask = structured_output.allocate(states[constrained[0]].grammar, ids.shape[0], logits.shape[-1])
+        walked, caps = [None] * len(states), [n - 1 for n in lengths]
+        index, values = [], []
+        for i in constrained:
+            width = lengths[i] if i in drafting else 1
+            drafts, terminated = structured_output.walk(states[i].grammar, candidates[i], width, mask, starts[i])
+            walked[i] = len(drafts)
+            caps[i] = structured_output.acceptable_drafts(len(drafts), terminated)
+            index.extend(range(starts[i] + 1, starts[i] + 1 + len(drafts)))
+            values.extend(drafts)
+        if index:
+            table = copy_to_device(torch.tensor(index + values, dtype=torch.long), ids.device)
+            ids.index_copy_(0, table[:len(index)], table[len(index):].to(ids.dtype))
+        return GrammarWalk(mask=mask, walked=walked, draft_caps=caps)
 
     # Unused by `run` (kept for SGLang's base-class contract).
     def step(self, forward_batch, full_logits: torch.Tensor, states: list[Any]) -> list[bool]:

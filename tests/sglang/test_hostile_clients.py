@@ -341,9 +341,6 @@ def _generate(**sampling) -> dict:
 
 REFUSALS = {
     "chat_logprobs": ("/v1/chat/completions", lambda: chat(image_url(), logprobs=True), "logprobs"),
-    "chat_json_schema": ("/v1/chat/completions", lambda: chat(image_url(), response_format={
-        "type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}), "constrained decoding"),
-    "chat_regex": ("/v1/chat/completions", lambda: chat(image_url(), regex="[a-z]+"), "constrained decoding"),
     "chat_unknown_model": ("/v1/chat/completions", lambda: chat(image_url()) | {"model": "no-such-model"},
                            "does not exist"),
     "chat_too_many_images": ("/v1/chat/completions", lambda: chat([image_url()] * 6), "--max-images"),
@@ -351,9 +348,7 @@ REFUSALS = {
                               "draft_length"),
     "completions_logprobs": ("/v1/completions", lambda: _completion(logprobs=2), "logprobs"),
     "completions_unknown_model": ("/v1/completions", lambda: _completion(model="no-such-model"), "does not exist"),
-    "completions_ebnf": ("/v1/completions", lambda: _completion(ebnf='root ::= "a"'), "constrained decoding"),
     "generate_return_logprob": ("/generate", lambda: _generate() | {"return_logprob": True}, "logprobs"),
-    "generate_regex": ("/generate", lambda: _generate(regex="[a-z]+"), "constrained decoding"),
     "generate_out_of_vocab": ("/generate", lambda: {"input_ids": [1, 2, 99999], "sampling_params": {}},
                               "outside the vocabulary"),
     "generate_negative_id": ("/generate", lambda: {"input_ids": [-1, 5], "sampling_params": {}},
@@ -379,13 +374,19 @@ SERVED_OPTIONS = {
     "generate_min_new_tokens": ("/generate", lambda: _generate(min_new_tokens=4)),
     "chat_penalties": ("/v1/chat/completions", lambda: chat(image_url(), frequency_penalty=0.5, presence_penalty=0.3,
                                                             repetition_penalty=1.2)),
+    "chat_json_schema": ("/v1/chat/completions", lambda: chat(image_url(), response_format={
+        "type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}})),
+    "chat_regex": ("/v1/chat/completions", lambda: chat(image_url(), regex="[a-z]+")),
+    "chat_json_object": ("/v1/chat/completions", lambda: chat(image_url(), response_format={"type": "json_object"})),
+    "completions_ebnf": ("/v1/completions", lambda: _completion(ebnf='root ::= "a"')),
+    "generate_regex": ("/generate", lambda: _generate(regex="[a-z]+")),
 }
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("case", list(SERVED_OPTIONS))
 def test_options_spec_honours_are_served_on_every_endpoint(server, baseline, case, stream):
-    """What spec applies as AR does (n > 1, logit_bias, min_p, min_new_tokens, penalties) is served."""
+    """What spec applies as AR does (n > 1, logit_bias, min_p, min_new_tokens, penalties, grammars) is served."""
     path, body = SERVED_OPTIONS[case]
     r = post(server, path, body() | ({"stream": True} if stream else {}), stream=stream)
     assert r.status_code == 200, getattr(r, "first_bytes", None) or r.text[:400]

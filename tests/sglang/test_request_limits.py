@@ -300,6 +300,8 @@ def test_limits_round_trip_through_the_environment(tmp_path):
     {"custom_params": {"draft_length": 32}}, {"custom_params": {"draft_length": True}},
 ])
 def test_http_side_and_scheduler_side_refusals_agree(options):
+    """spec: the HTTP process and the scheduler give the same answer; mdm: the same, and it refuses
+    exactly grammars, min_new_tokens and non-neutral penalties among these."""
     from sglang.srt.sampling.sampling_params import SamplingParams
 
     from fast_dvlm_sglang.sglang_plugin.request_checks import spec_refusal
@@ -309,7 +311,15 @@ def test_http_side_and_scheduler_side_refusals_agree(options):
     scheduler_side = spec_refusal(lambda name: getattr(sp, name, None), False, None, lambda: 32)
     assert http_side == scheduler_side
     bad = set(options) - {"temperature", "top_p", "custom_params", "min_p", "logit_bias", "min_new_tokens",
-                          "frequency_penalty", "presence_penalty", "repetition_penalty"}
+                          "frequency_penalty", "presence_penalty", "repetition_penalty", "json_schema", "regex"}
     bad_k = options.get("custom_params", {}).get("draft_length", 0)
     assert (http_side is None) == (not bad and isinstance(bad_k, int) and not isinstance(bad_k, bool)
                                    and 0 <= bad_k < 32)
+    from fast_dvlm_sglang.sglang_plugin.request_checks import mdm_refusal
+
+    mdm_http, mdm_scheduler = mdm_refusal(options.get, False, None), mdm_refusal(lambda n: getattr(sp, n, None), False, None)
+    assert mdm_http == mdm_scheduler
+    mdm_ok = {k: v for k, v in options.items()
+              if k not in ("json_schema", "regex", "min_new_tokens", "frequency_penalty", "presence_penalty")
+              and not (k == "repetition_penalty" and v != 1.0)}
+    assert (mdm_http is None) == (mdm_ok == options)

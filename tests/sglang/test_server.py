@@ -112,6 +112,35 @@ def test_mdm_budget_inside_a_block_equals_reference(servers, references, max_tok
         assert _native(server, prompt_text, url, max_tokens)[0] == ref_ids, (color, shape)
 
 
+def test_mdm_logit_bias_equals_the_reference_with_it(servers, references, tiny_checkpoints):
+    """MDM applies `logit_bias` at every position of every denoising step and to each block's
+    first token, as the reference decoder does: a bias banning two tokens of the unbiased answer
+    and favouring a third gives the reference's biased answer, which differs from the plain one."""
+    import httpx
+
+    from fast_dvlm_sglang.decoding import GenerationConfig, Prompt, SamplingParams, generate
+    from fast_dvlm_sglang.model import FastDVLMForConditionalGeneration
+    from fast_dvlm_sglang.processing import encode_chat
+    from fast_dvlm_sglang.tokenizer import load_processor
+
+    server = servers["mdm"]
+    path = tiny_checkpoints["old"]
+    model, proc = FastDVLMForConditionalGeneration.from_pretrained(path).eval(), load_processor(path)
+    for color in ("red", "green"):
+        url = image_url(color, "ellipse")
+        plain, prompt_text = references("old", "mdm", url, 40)
+        bias = {plain[0]: -100.0, plain[3]: -100.0, 17: 4.0}
+        enc = encode_chat(proc, _messages(url))
+        want = generate(model, Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw), GenerationConfig(
+            algorithm="mdm", max_new_tokens=40, sampling=SamplingParams(logit_bias=tuple(bias.items())))).token_ids
+        assert want != plain and plain[0] not in want and plain[3] not in want
+        r = httpx.post(server.base_url + "/generate", headers=server.headers, timeout=120, json={
+            "text": prompt_text, "image_data": url, "sampling_params": {
+                "max_new_tokens": 40, "temperature": 0, "logit_bias": {str(k): v for k, v in bias.items()}}})
+        r.raise_for_status()
+        assert r.json()["output_ids"] == want, color
+
+
 @pytest.mark.parametrize("algorithm", ["ar", "mdm"])
 def test_stream_equals_non_stream(servers, algorithm):
     server, url = servers[algorithm], image_url("blue", "rectangle")
@@ -160,6 +189,34 @@ def test_bad_request_is_4xx_and_server_stays_healthy(servers, case):
     body = r.json()
     err = body.get("error", body)
     assert isinstance(err, dict) and err.get("message"), body
+    assert server.healthy()
+
+
+MDM_REFUSED = {
+    "json_schema": ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}},
+                    "constrained decoding"),
+    "regex": ({"regex": "[a-z]+"}, "constrained decoding"),
+    "logprobs": ({"logprobs": True}, "logprobs"),
+    "min_tokens": ({"min_tokens": 3}, "min_new_tokens"),
+    "frequency_penalty": ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    "repetition_penalty": ({"repetition_penalty": 1.3}, "repetition_penalty"),
+}
+
+
+@pytest.mark.parametrize("case", list(MDM_REFUSED))
+def test_mdm_refuses_what_it_cannot_apply(servers, case):
+    """MDM unmasks by confidence, not left to right: a grammar, logprobs, min_new_tokens or a
+    penalty has no sampling step to apply at, so it is a 400 naming the option (not a silently
+    unconstrained answer); neutral values (penalty 0, repetition 1) pass."""
+    server = servers["mdm"]
+    extra, needle = MDM_REFUSED[case]
+    r = _post(server, {"model": server.model, "messages": _messages(image_url()), "max_tokens": 8, **extra})
+    assert r.status_code == 400, r.text[:300]
+    message = r.json().get("error", r.json())["message"]
+    assert needle in message and "mdm" in message, message
+    neutral = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "temperature": 0.7}
+    assert _post(server, {"model": server.model, "messages": _messages(image_url()), "max_tokens": 8,
+                          **neutral}).status_code == 200
     assert server.healthy()
 
 

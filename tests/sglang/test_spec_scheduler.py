@@ -703,8 +703,11 @@ def test_validate_request_refuses_unsupported_features(sgl):
         r.tokenizer = NO_STRINGS_TOKENIZER
         return r
 
-    for kw in ({"json_schema": "{}"}, {"regex": "a+"}):
-        assert "does not support" in FastDVLMSpeculative.validate_request(req(**kw))
+    logprobs = req()
+    logprobs.return_logprob = True
+    assert "does not support logprobs" in FastDVLMSpeculative.validate_request(logprobs)
+    for kw in ({"json_schema": "{}"}, {"regex": "a+"}):  # grammars ride on req.grammar (structured_output.py)
+        assert FastDVLMSpeculative.validate_request(req(**kw)) is None
     r = req(temperature=0.7, top_p=0.9, top_k=20, sampling_seed=3)
     assert FastDVLMSpeculative.validate_request(r) is None
     assert r.dllm_algo_state == SpecState(temperature=0.7, top_p=0.9, top_k=20, sampling_seed=3)
@@ -1108,7 +1111,8 @@ def test_bad_draft_length_settings_are_refused(sgl):
                        ({"forward_cost": {"base": -1, "per_token": 0}}, "base"),
                        ({"draft_margin": "high"}, "draft_margin"), ({"draft_margin": -0.5}, "draft_margin"),
                        ({"probe_interval": 2.5}, "probe_interval"), ({"probe_interval": float("inf")}, "probe_interval"),
-                       ({"draft_margin": float("nan")}, "draft_margin"), ({"prior_acceptance": 1.0}, "prior_acceptance")):
+                       ({"draft_margin": float("nan")}, "draft_margin"), ({"prior_acceptance": 1.0}, "prior_acceptance"),
+                       ({"constrain_drafts": "no"}, "constrain_drafts must be true or false")):
         with pytest.raises(ValueError, match=match):
             check_algorithm_config(cfg, 8)
     h = Harness(1, algorithm_config={})

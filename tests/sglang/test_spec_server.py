@@ -297,8 +297,7 @@ def test_prometheus_counters_add_up_to_the_responses(spec_server_tiny, tiny_ref)
     assert prometheus_value(spec_server_tiny, "fast_dvlm:spec_draft_length_count") >= rounds
 
 
-@pytest.mark.parametrize("extra", [{"logprobs": True}, {"top_logprobs": 2, "logprobs": True},
-                                   {"response_format": {"type": "json_object"}}])
+@pytest.mark.parametrize("extra", [{"logprobs": True}, {"top_logprobs": 2, "logprobs": True}])
 def test_unsupported_features_are_refused(spec_server_tiny, extra):
     import httpx
 
@@ -415,6 +414,26 @@ def test_sampling_equals_the_reference_decoder_with_the_same_seed(demo_spec):
                        sampling_seed=seed)
         assert got["output_ids"] == want.token_ids, (seed, n)
         assert got["meta_info"]["dllm_nfe"][-1] == want.nfe
+
+
+def test_seeded_sampling_with_logit_adjustments_is_the_reference_decoder(demo_spec):
+    """Seeded sampling with min_p, logit_bias, min_new_tokens and the three penalties: the server's
+    draws are the reference speculative decoder's with the same processors (same widths, same
+    generator consumption), request by request."""
+    server, ref = demo_spec
+    stops = _sglang_stop_ids(DEMO_CHECKPOINT, ref.proc.tokenizer)
+    options = [dict(min_p=0.05, logit_bias=((13, -100.0),)), dict(frequency_penalty=0.4, presence_penalty=0.3),
+               dict(repetition_penalty=1.3, min_new_tokens=12), dict(min_p=0.1, frequency_penalty=0.2,
+                                                                      logit_bias=((491, -2.0),))]
+    for (msgs, url, n), seed, ours in zip(_demo_prompts()[:8], range(8), options * 2):
+        n = max(n, 16)
+        want = ref.run(msgs, n, "spec", draft_policy=_server_policy(), eos_token_ids=stops, temperature=0.8,
+                       top_p=0.9, seed=seed, **ours)
+        theirs = {k: ({str(t): b for t, b in v} if k == "logit_bias" else v) for k, v in ours.items()}
+        got = generate(server, ref.text(msgs), image=url, max_new_tokens=n, temperature=0.8, top_p=0.9,
+                       sampling_seed=seed, **theirs)
+        assert got["output_ids"] == want.token_ids, (seed, ours)
+        assert got["meta_info"]["dllm_nfe"][-1] == want.nfe, (seed, ours)
 
 
 @pytest.mark.parametrize("k", [0, 4, 31])

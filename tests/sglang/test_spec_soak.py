@@ -1,5 +1,7 @@
 """Soak: 200 random requests through `fast-dvlm serve --algorithm spec` (tiny model, chunked
-prefill, radix cache on), some sampled, some streamed and dropped by the client mid-answer (SGLang aborts them).
+prefill, radix cache on), some sampled, some with a regex (each answer must match it), some with
+logit_bias / min_new_tokens / penalties / min_p, some streamed and dropped by the client
+mid-answer (SGLang aborts them; half of those with a regex).
 
 Afterwards the KV pool's free count plus the radix tree's evictable tokens equals the pool size. Where it is read: SGLang's
 Prometheus gauge `sglang:kv_available_tokens` on /metrics (server started with
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import random
+import re
 
 import pytest
 
@@ -24,6 +27,8 @@ from sglang_helpers import generate, image_url, prometheus_value, wait_for  # no
 from tie_aware_server import ReferenceTieCheck  # noqa: E402
 
 N_REQUESTS = 200
+# Regexes every answer completes within 16 tokens (then only EOS is allowed).
+GRAMMARS = [r"(yes|no|maybe)", r"[0-9]{1,3}", r"(red|blue) (circle|square)", r"[a-e]{2,4}\."]
 WORDS = "a red circle on the left the blue square is big what shape is in the image".split()
 
 
@@ -55,13 +60,17 @@ def test_soak_200_requests_returns_every_kv_slot(spec_server_tiny, tiny_checkpoi
                         size=rng.choice([56, 84])) if rng.random() < 0.3 else None
         content = ([{"type": "image_url", "image_url": {"url": url}}] if url else []) + [{"type": "text", "text": text}]
         msgs = [{"role": "user", "content": content}]
-        kind = rng.choices(["greedy", "sampled", "dropped"], weights=[10, 8, 2])[0]
-        jobs.append((i, msgs, render_chat(proc, msgs, add_generation_prompt=True), url, rng.randint(1, 12), kind))
+        kind = rng.choices(["greedy", "sampled", "dropped", "grammar", "options"], weights=[10, 8, 2, 4, 3])[0]
+        n = rng.randint(1, 12)
+        n = 16 if kind == "grammar" else max(n, 4) if kind == "options" else n  # room for min_new_tokens
+        jobs.append((i, msgs, render_chat(proc, msgs, add_generation_prompt=True), url, n, kind))
 
     def run(job):
         i, _, text, url, n, kind = job
         if kind == "dropped":  # stream, read one chunk, hang up: SGLang aborts the request
-            body = {"text": text, "stream": True, "sampling_params": {"max_new_tokens": 64, "temperature": 0}}
+            grammar = {"regex": GRAMMARS[i % len(GRAMMARS)]} if i % 2 else {}
+            body = {"text": text, "stream": True,
+                    "sampling_params": {"max_new_tokens": 64, "temperature": 0, **grammar}}
             if url:
                 body["image_data"] = url
             with httpx.stream("POST", server.base_url + "/generate", json=body, timeout=300) as r:
@@ -70,6 +79,12 @@ def test_soak_200_requests_returns_every_kv_slot(spec_server_tiny, tiny_checkpoi
                         break
             return None
         sampling = {"temperature": 0.8, "sampling_seed": i} if kind == "sampled" else {}
+        if kind == "grammar":  # a regex, greedy or sampled
+            sampling = {"regex": GRAMMARS[i % len(GRAMMARS)], **({"temperature": 0.7} if i % 3 == 0 else {})}
+        if kind == "options":
+            sampling = [{"logit_bias": {"5": 3.0}, "min_new_tokens": 2},
+                        {"frequency_penalty": 0.5, "presence_penalty": 0.2, "repetition_penalty": 1.2},
+                        {"temperature": 0.9, "min_p": 0.1, "sampling_seed": i}][i % 3]
         return generate(server, text, image=url, max_new_tokens=n, **sampling)
 
     with cf.ThreadPoolExecutor(24) as pool:
@@ -80,6 +95,11 @@ def test_soak_200_requests_returns_every_kv_slot(spec_server_tiny, tiny_checkpoi
     checked = 0
     for (i, msgs, _, _url, n, kind), body in zip(jobs, results):
         if kind == "dropped":
+            continue
+        if kind == "grammar":
+            regex = GRAMMARS[i % len(GRAMMARS)]
+            assert body["meta_info"]["finish_reason"]["type"] == "stop", (i, regex, body["text"])
+            assert re.fullmatch(regex, body["text"]), (i, regex, body["text"])
             continue
         assert 1 <= body["meta_info"]["completion_tokens"] <= n
         if kind == "greedy":
