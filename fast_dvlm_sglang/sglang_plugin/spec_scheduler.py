@@ -141,6 +141,7 @@ def apply_round(req, tokens: list[int], state: SpecState, req_to_token_pool, all
 
     drafted = (state.width or slots) - 1
     _record_metrics(req, state, n, drafted)
+    record_logprobs(req, state.logprob_rows[:n])
 
     req.update_finish_state(new_accepted_len=n)
     req.spec_verify_ct += 1
@@ -174,6 +175,27 @@ def _record_metrics(req, state: SpecState, n: int, drafted: int) -> None:
     req.customized_info.setdefault(METRIC_DRAFT_LENGTH, []).extend([drafted] * n)
 
 
+def record_logprobs(req, rows) -> None:
+    """The committed tokens' output logprobs onto SGLang's per-request lists, one entry per output
+    token as its AR decode appends them (the output streamer sends them with the tokens). Spec
+    serves no prompt logprobs: the input lists are empty, as SGLang leaves them for a request
+    whose logprob_start_len is past its prompt."""
+    if not req.return_logprob or not rows:
+        return
+    lp = req.logprob
+    for name in ("input_token_logprobs_val", "input_token_logprobs_idx", "input_top_logprobs_val",
+                 "input_top_logprobs_idx", "input_token_ids_logprobs_val", "input_token_ids_logprobs_idx"):
+        if getattr(lp, name) is None:
+            setattr(lp, name, [])
+    tokens = req.output_ids[len(lp.output_token_logprobs_val):]
+    for token, (value, top_values, top_ids) in zip(tokens, rows):
+        lp.output_token_logprobs_val.append(value)
+        lp.output_token_logprobs_idx.append(token)
+        if lp.top_logprobs_num > 0:
+            lp.output_top_logprobs_val.append(top_values)
+            lp.output_top_logprobs_idx.append(top_ids)
+
+
 def adopt_context_state(req, state) -> bool:
     """After a causal context pass: commit its seed (the next token; SGLang's finish checks run on
     it), unless the pass stopped short of the context's end. The caller releases a request the
@@ -185,6 +207,7 @@ def adopt_context_state(req, state) -> bool:
     if structured_output.usable(req.grammar):
         structured_output.commit(req.grammar, 0, 0, state.seed)
     _record_metrics(req, state, 1, 0)
+    record_logprobs(req, state.logprob_rows[:1])
     req.update_finish_state(new_accepted_len=1)
     req.dllm_algo_state = None if req.finished() else state.committed(req.output_ids, budget=budget(req))
     return True

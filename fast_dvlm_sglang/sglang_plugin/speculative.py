@@ -4,7 +4,7 @@ Per request (SGLang's separate-context-encoding flow plus the scheduler step of
 `spec_scheduler.py`):
 
 1. admission (`validate_request`, SGLang's per-request algorithm entry point): refuse what the
-   algorithm cannot honour (logprobs, beam search, custom logit processors) and put a `SpecState`
+   algorithm cannot honour (prompt logprobs, beam search, custom logit processors) and put a `SpecState`
    with the request's sampling settings on the request (`req.dllm_algo_state`); a grammar
    (json_schema, regex, ...) is SGLang's matcher on `req.grammar`, walked through each round's
    drafts (`structured_output.py`);
@@ -56,7 +56,8 @@ the draft positions, so drafts propose what verify can accept) as SGLang's AR sa
 at that position: `decoding.sampling.adjust_logits`, with the output before the position (the
 committed output, `SpecState.produced` / `history`, then the row's drafts before it). A grammar
 masks every verify position the walk reached, after those adjustments (a -inf stays -inf under
-them, so the order is AR's in effect).
+them, so the order is AR's in effect). Output logprobs (`logprob_tensors`) come from the same
+logits at each committed token's position, as SGLang's AR sampler computes them.
 
 Per-request state lives on the request; this object holds configuration only.
 """
@@ -141,17 +142,23 @@ class SpecState:
     # (`structured_output.py`; rolled back at commit).
     grammar: Any = field(default=None, compare=False, repr=False)
     grammar_walked: int | None = None  # None: the round walked no grammar
+    # Output logprobs (`logprobs` / `top_logprobs`, SGLang's return_logprob): None: not asked;
+    # else how many top alternatives per token. `logprob_rows`: the last forward's, per position it
+    # chose a token at (chosen token's logprob, top values, top ids), read at commit.
+    top_logprobs: int | None = None
+    logprob_rows: tuple = field(default=(), compare=False, repr=False)
 
     @classmethod
-    def from_request(cls, sampling_params, stop_token_ids=()) -> SpecState:
+    def from_request(cls, sampling_params, stop_token_ids=(), top_logprobs: int | None = None) -> SpecState:
         """SGLang's normalised sampling params: temperature 0 arrives as top_k == 1.
-        `stop_token_ids`: the request's stop set as SGLang's min_new_tokens penalizer builds it."""
+        `stop_token_ids`: the request's stop set as SGLang's min_new_tokens penalizer builds it;
+        `top_logprobs`: None, or the top alternatives to return with each token's logprob."""
         top_k = int(sampling_params.top_k)
         pin = (sampling_params.custom_params or {}).get("draft_length")
         # SGLang sets (not adds) each bias; keys "1" and "01" are one token, the last one wins.
         bias = {int(k): float(v) for k, v in (getattr(sampling_params, "logit_bias", None) or {}).items()}
         min_new = int(getattr(sampling_params, "min_new_tokens", 0) or 0)
-        common = dict(sampling_seed=sampling_params.sampling_seed, draft_length=pin,
+        common = dict(sampling_seed=sampling_params.sampling_seed, draft_length=pin, top_logprobs=top_logprobs,
                       logit_bias=tuple(sorted(bias.items())), min_new_tokens=min_new,
                       stop_token_ids=tuple(sorted(set(stop_token_ids))) if min_new else (),
                       frequency_penalty=float(getattr(sampling_params, "frequency_penalty", 0.0) or 0.0),
@@ -185,7 +192,8 @@ class SpecState:
     def committed(self, output_ids, **changes) -> SpecState:
         """This state after a commit that left `output_ids` as the request's output."""
         history = tuple(output_ids) if self.penalizes else ()
-        return dataclasses.replace(self, produced=len(output_ids), history=history, grammar_walked=None, **changes)
+        return dataclasses.replace(self, produced=len(output_ids), history=history, grammar_walked=None,
+                                   logprob_rows=(), **changes)
 
     def with_generator(self, device) -> SpecState:
         if self.greedy or self.generator is not None:
@@ -234,6 +242,40 @@ def choose_tokens(logits: torch.Tensor, states: list[SpecState], starts: list[in
         tokens[start:start + n] = (rows.argmax(dim=-1) if state.greedy else
                                    sample_tokens(rows, state.params(logits.shape[-1]), state.generator)[0])
     return tokens
+
+
+def logprob_tensors(rows: torch.Tensor, state: SpecState, tokens: torch.Tensor) -> torch.Tensor:
+    """[n, 1 + 2N] for `rows` [n, V], the logits a row chose `tokens` [n] from (after AR's
+    adjustments and its grammar's mask): per position the chosen token's logprob, the top N
+    values, the top N ids (as float64: exact for any vocabulary). As SGLang's AR sampler returns
+    them: log_softmax of those logits, divided by the temperature when sampling (the distribution
+    before top-k / top-p / min-p filtering)."""
+    lp = torch.log_softmax(rows.float() / (state.temperature if not state.greedy else 1.0), dim=-1)
+    cols = [lp.gather(-1, tokens.long()[:, None])]
+    if state.top_logprobs:
+        top = lp.topk(min(state.top_logprobs, lp.shape[-1]), dim=-1)
+        cols += [top.values, top.indices.to(lp.dtype)]
+    return torch.cat(cols, dim=1).double()
+
+
+def logprob_rows(tensors: list[torch.Tensor | None]) -> list[tuple]:
+    """Host rows (logprob, top values, top ids) of each `logprob_tensors` block, () for rows that
+    did not ask; one host sync for the batch."""
+    blocks = [t for t in tensors if t is not None]
+    host = iter(torch.cat([b.reshape(-1) for b in blocks]).tolist() if blocks else [])
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(())
+            continue
+        n, width = t.shape
+        top = (width - 1) // 2
+        rows = []
+        for _ in range(n):
+            vals = [next(host) for _ in range(width)]
+            rows.append((vals[0], vals[1:1 + top], [int(v) for v in vals[1 + top:]]))
+        out.append(tuple(rows))
+    return out
 
 
 def round_layout(slots: list[int], prefix_lens: list[int]) -> tuple[list[int], list[int], list[int]]:
@@ -329,12 +371,15 @@ class FastDVLMSpeculative(DllmAlgorithm):
         # The HTTP process refuses these first (`request_checks.py`, a 400 before any stream
         # byte); this is the same rule for requests that reach the scheduler another way.
         sp = req.sampling_params
-        error = spec_refusal(lambda name: getattr(sp, name, None), req.return_logprob,
-                             getattr(req, "custom_logit_processor", None), lambda: req.dllm_config.block_size)
+        logprob = getattr(req, "logprob", None)
+        error = spec_refusal(lambda name: getattr(sp, name, None), False,
+                             getattr(req, "custom_logit_processor", None), lambda: req.dllm_config.block_size,
+                             token_ids_logprob=req.return_logprob and getattr(logprob, "token_ids_logprob", None))
         if error:
             return error
         if not isinstance(req.dllm_algo_state, SpecState):
-            req.dllm_algo_state = SpecState.from_request(sp, stop_token_ids(req))
+            top = int(getattr(logprob, "top_logprobs_num", 0) or 0) if req.return_logprob else None
+            req.dllm_algo_state = SpecState.from_request(sp, stop_token_ids(req), top_logprobs=top)
         return None
 
     # ---- SGLang entry point ----------------------------------------------------------------
@@ -366,8 +411,14 @@ class FastDVLMSpeculative(DllmAlgorithm):
             for i in constrained:
                 states[i].grammar.fill_vocab_mask(mask, i)
             structured_output.apply(logits, grammar, mask)
-        seeds = choose_tokens(logits, states, list(range(bs)), [1] * bs).tolist()  # the one host sync
-        states = [dataclasses.replace(s, seed=int(t), nfe=s.nfe + (s.rounds > 0)) for s, t in zip(states, seeds)]
+        chosen = choose_tokens(logits, states, list(range(bs)), [1] * bs)
+        tensors = [logprob_tensors(adjusted_rows(logits, s, i, 1) if s.adjusts_logits else logits[i:i + 1], s,
+                                   chosen[i:i + 1]) if s.top_logprobs is not None else None
+                   for i, s in enumerate(states)]
+        seeds = chosen.tolist()  # the one host sync (and one more for logprobs, when asked)
+        rows = logprob_rows(tensors)
+        states = [dataclasses.replace(s, seed=int(t), nfe=s.nfe + (s.rounds > 0), logprob_rows=r)
+                  for s, t, r in zip(states, seeds, rows)]
         return out.logits_output, [], None, states, out.can_run_graph
 
     def _round(self, model_runner, forward_batch, states: list[SpecState]):
@@ -429,7 +480,11 @@ class FastDVLMSpeculative(DllmAlgorithm):
             walk = self._walk_grammars(states, starts, lengths, constrained, ids, verify_logits)
         if walk is not None:  # every verify position the walk reached gets its grammar's mask
             structured_output.apply(verify_logits, states[constrained[0]].grammar, walk.mask)
-        verify = choose_tokens(verify_logits, states, starts, lengths, ids)[rows]  # [bs, width]
+        chosen = choose_tokens(verify_logits, states, starts, lengths, ids)
+        verify = chosen[rows]  # [bs, width]
+        tensors = [logprob_tensors(adjusted_rows(verify_logits, s, start, n, ids) if s.adjusts_logits
+                                   else verify_logits[start:start + n], s, chosen[start:start + n])
+                   if s.top_logprobs is not None else None for s, start, n in zip(states, starts, lengths)]
         draft = ids.long()[rows[:, 1:]]  # [bs, width - 1]: d_1..d_{width-1} (clamped past a row's end)
 
         # Accept d_1..d_k with k < lengths, then v_{k+1} is the next seed (committed too).
@@ -437,14 +492,17 @@ class FastDVLMSpeculative(DllmAlgorithm):
         next_seed = verify.gather(1, accepted[:, None])
         packed = torch.cat([accepted[:, None], next_seed, draft], dim=1).tolist()  # the sync
 
+        logprobs = logprob_rows(tensors)  # per verify position; the commit keeps the first k + 1
+
         commits, states_out = [], []
         walked = walk.walked if walk is not None else [None] * bs
-        for state, row, length, m in zip(states, packed, lengths, walked):
+        for state, row, length, m, lp in zip(states, packed, lengths, walked, logprobs):
             k = int(row[0])
             commits.append(row[2:2 + k] + row[1:2])  # d_1..d_k, the next seed
             # NFE as the reference counts it: the forwards this row needed (no draft at length 1).
             states_out.append(dataclasses.replace(state, seed=int(row[1]), rounds=state.rounds + 1, width=length,
-                                                  nfe=state.nfe + 1 + (length > 1), grammar_walked=m))
+                                                  nfe=state.nfe + 1 + (length > 1), grammar_walked=m,
+                                                  logprob_rows=lp[:k + 1]))
         return out.logits_output, commits, [len(c) for c in commits], states_out, out.can_run_graph
 
     def _walk_grammars(self, states, starts, lengths, constrained, ids, logits, adjusted=None, shifted=None):

@@ -62,3 +62,26 @@ def spec_server_tiny(tiny_checkpoints, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_spec_and_ar(tmp_path_factory):
+    """A spec and an AR server on the demo model with the same SGLang flags: JSON without free
+    whitespace (so JSON answers end), /metrics on, and AR without SGLang's overlap scheduler, as
+    the dLLM servers always run (with it AR applies penalties one token late: the counts of a
+    step miss the token chosen just before it, visible in the returned logprobs)."""
+    from fast_dvlm_sglang.demo import DEMO_CHECKPOINT
+    from fast_dvlm_sglang.server_process import ServeProcess
+
+    logs = tmp_path_factory.mktemp("demo_spec_ar_logs")
+    flags = ["--constrained-json-disable-any-whitespace", "--enable-metrics"]
+    spec = ServeProcess(DEMO_CHECKPOINT, "spec", logs / "spec.log", max_running=16, sglang_args=flags)
+    ar = ServeProcess(DEMO_CHECKPOINT, "ar", logs / "ar.log", max_running=16,
+                      sglang_args=[*flags, "--disable-overlap-schedule"])
+    try:
+        spec.wait_ready()
+        ar.wait_ready()
+        yield spec, ar
+    finally:
+        spec.stop()
+        ar.stop()

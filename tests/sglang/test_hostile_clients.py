@@ -340,15 +340,17 @@ def _generate(**sampling) -> dict:
 
 
 REFUSALS = {
-    "chat_logprobs": ("/v1/chat/completions", lambda: chat(image_url(), logprobs=True), "logprobs"),
+    "completions_echo_logprobs": ("/v1/completions", lambda: _completion(logprobs=2, echo=True), "prompt logprobs"),
+    "generate_prompt_logprobs": ("/generate", lambda: _generate() | {"return_logprob": True, "logprob_start_len": 0},
+                                 "prompt logprobs"),
+    "generate_token_ids_logprob": ("/generate", lambda: _generate() | {"return_logprob": True,
+                                                                      "token_ids_logprob": [5, 7]}, "token_ids_logprob"),
     "chat_unknown_model": ("/v1/chat/completions", lambda: chat(image_url()) | {"model": "no-such-model"},
                            "does not exist"),
     "chat_too_many_images": ("/v1/chat/completions", lambda: chat([image_url()] * 6), "--max-images"),
     "chat_bad_draft_length": ("/v1/chat/completions", lambda: chat(image_url(), custom_params={"draft_length": 99}),
                               "draft_length"),
-    "completions_logprobs": ("/v1/completions", lambda: _completion(logprobs=2), "logprobs"),
     "completions_unknown_model": ("/v1/completions", lambda: _completion(model="no-such-model"), "does not exist"),
-    "generate_return_logprob": ("/generate", lambda: _generate() | {"return_logprob": True}, "logprobs"),
     "generate_out_of_vocab": ("/generate", lambda: {"input_ids": [1, 2, 99999], "sampling_params": {}},
                               "outside the vocabulary"),
     "generate_negative_id": ("/generate", lambda: {"input_ids": [-1, 5], "sampling_params": {}},
@@ -378,6 +380,9 @@ SERVED_OPTIONS = {
         "type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}})),
     "chat_regex": ("/v1/chat/completions", lambda: chat(image_url(), regex="[a-z]+")),
     "chat_json_object": ("/v1/chat/completions", lambda: chat(image_url(), response_format={"type": "json_object"})),
+    "chat_logprobs": ("/v1/chat/completions", lambda: chat(image_url(), logprobs=True, top_logprobs=2)),
+    "completions_logprobs": ("/v1/completions", lambda: _completion(logprobs=2)),
+    "generate_return_logprob": ("/generate", lambda: _generate() | {"return_logprob": True, "top_logprobs_num": 2}),
     "completions_ebnf": ("/v1/completions", lambda: _completion(ebnf='root ::= "a"')),
     "generate_regex": ("/generate", lambda: _generate(regex="[a-z]+")),
 }
@@ -386,7 +391,8 @@ SERVED_OPTIONS = {
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("case", list(SERVED_OPTIONS))
 def test_options_spec_honours_are_served_on_every_endpoint(server, baseline, case, stream):
-    """What spec applies as AR does (n > 1, logit_bias, min_p, min_new_tokens, penalties, grammars) is served."""
+    """What spec applies as AR does (n > 1, logit_bias, min_p, min_new_tokens, penalties, grammars,
+    output logprobs) is served."""
     path, body = SERVED_OPTIONS[case]
     r = post(server, path, body() | ({"stream": True} if stream else {}), stream=stream)
     assert r.status_code == 200, getattr(r, "first_bytes", None) or r.text[:400]

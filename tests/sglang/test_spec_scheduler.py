@@ -704,8 +704,11 @@ def test_validate_request_refuses_unsupported_features(sgl):
         return r
 
     logprobs = req()
-    logprobs.return_logprob = True
-    assert "does not support logprobs" in FastDVLMSpeculative.validate_request(logprobs)
+    logprobs.return_logprob, logprobs.logprob.token_ids_logprob = True, [3, 4]
+    assert "does not support token_ids_logprob" in FastDVLMSpeculative.validate_request(logprobs)
+    logprobs = req()
+    logprobs.return_logprob, logprobs.logprob.top_logprobs_num = True, 3  # output logprobs: served
+    assert FastDVLMSpeculative.validate_request(logprobs) is None and logprobs.dllm_algo_state.top_logprobs == 3
     for kw in ({"json_schema": "{}"}, {"regex": "a+"}):  # grammars ride on req.grammar (structured_output.py)
         assert FastDVLMSpeculative.validate_request(req(**kw)) is None
     r = req(temperature=0.7, top_p=0.9, top_k=20, sampling_seed=3)

@@ -297,15 +297,18 @@ def test_prometheus_counters_add_up_to_the_responses(spec_server_tiny, tiny_ref)
     assert prometheus_value(spec_server_tiny, "fast_dvlm:spec_draft_length_count") >= rounds
 
 
-@pytest.mark.parametrize("extra", [{"logprobs": True}, {"top_logprobs": 2, "logprobs": True}])
-def test_unsupported_features_are_refused(spec_server_tiny, extra):
+def test_output_logprobs_are_served_and_prompt_logprobs_refused(spec_server_tiny):
     import httpx
 
     body = {"model": spec_server_tiny.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
-            **extra}
+            "logprobs": True, "top_logprobs": 2}
     r = httpx.post(spec_server_tiny.base_url + "/v1/chat/completions", json=body, timeout=120)
-    assert 400 <= r.status_code < 500, r.text[:300]
-    assert "FastDVLMSpeculative does not support" in r.text
+    assert r.status_code == 200, r.text[:300]
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == r.json()["usage"]["completion_tokens"] and all(len(t["top_logprobs"]) == 2 for t in content)
+    r = httpx.post(spec_server_tiny.base_url + "/v1/completions", timeout=120, json={
+        "model": spec_server_tiny.model, "prompt": "hi", "max_tokens": 4, "logprobs": 1, "echo": True})
+    assert r.status_code == 400 and "FastDVLMSpeculative does not support prompt logprobs" in r.text, r.text[:300]
     assert spec_server_tiny.healthy()
 
 

@@ -257,24 +257,11 @@ DESCRIBE = (r"There (is one shape|are (two|three|four) shapes) on a (black|white
             r"( (Top left|Top|Top right|Left|Center|Right|Bottom left|Bottom|Bottom right): [a-z ]+\.){9}")
 STRUCTURAL_TAG = json.dumps({"type": "structural_tag", "triggers": ["<json>"], "structures": [
     {"begin": "<json>", "schema": SHAPES_SCHEMA, "end": "</json>"}]})
-SERVER_ARGS = ["--constrained-json-disable-any-whitespace", "--enable-metrics"]
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """A spec and an AR server on the demo model, same SGLang flags (JSON without free whitespace)."""
-    from fast_dvlm_sglang.server_process import ServeProcess
-
-    logs = tmp_path_factory.mktemp("structured_logs")
-    spec = ServeProcess(DEMO_CHECKPOINT, "spec", logs / "spec.log", max_running=16, sglang_args=SERVER_ARGS)
-    ar = ServeProcess(DEMO_CHECKPOINT, "ar", logs / "ar.log", max_running=16, sglang_args=SERVER_ARGS)
-    try:
-        spec.wait_ready()
-        ar.wait_ready()
-        yield spec, ar
-    finally:
-        spec.stop()
-        ar.stop()
+def servers(demo_spec_and_ar):
+    return demo_spec_and_ar
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,181 @@
+"""Output logprobs with `FastDVLMSpeculative` (`logprobs` / `top_logprobs`, SGLang's return_logprob).
+
+Each committed token's logprob comes from the verify pass's logits at its position (after AR's
+adjustments and the grammar mask), as SGLang's AR sampler computes it from the decode step's
+logits. The two forwards differ in shape (a verify block against a one-token step), so values
+agree to float32 noise, not bit for bit: measured on the demo model on this CPU, at most 1.6e-5
+(greedy, with a regex and with penalties); the tolerance is 1e-4. Prompt logprobs are refused.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+pytestmark = [pytest.mark.sglang]
+
+from sglang_helpers import generate  # noqa: E402
+
+ATOL = 1e-4  # float32 verify-block vs AR-step logits (measured <= 1.6e-5 on the demo model)
+
+
+# ---- the arithmetic -------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(4))
+def test_logprob_rows_are_log_softmax_at_the_temperature_packed_per_position(seed):
+    import torch
+
+    from fast_dvlm_sglang.sglang_plugin.speculative import SpecState, logprob_rows, logprob_tensors
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    states = [SpecState(top_logprobs=rng.choice([None, 0, 1, 5]), temperature=rng.choice([0.0, 0.7, 1.3]))
+              for _ in range(4)]
+    logits = [torch.randn(rng.randint(1, 6), 50, generator=gen) * 4 for _ in states]
+    tokens = [torch.randint(0, 50, (x.shape[0],), generator=gen) for x in logits]
+    tensors = [logprob_tensors(x, s, t) if s.top_logprobs is not None else None
+               for x, s, t in zip(logits, states, tokens)]
+    rows = logprob_rows(tensors)
+    for x, s, t, row in zip(logits, states, tokens, rows):
+        if s.top_logprobs is None:
+            assert row == ()
+            continue
+        want = torch.log_softmax(x / (s.temperature or 1.0), dim=-1)
+        assert len(row) == x.shape[0]
+        for j, (value, top_values, top_ids) in enumerate(row):
+            assert value == pytest.approx(float(want[j, t[j]]), abs=1e-6)
+            assert len(top_values) == len(top_ids) == s.top_logprobs
+            ranked = want[j].topk(s.top_logprobs) if s.top_logprobs else None
+            if ranked is not None:
+                assert top_ids == ranked.indices.tolist()
+                assert top_values == pytest.approx(ranked.values.tolist(), abs=1e-6)
+
+
+# ---- through the servers (demo model) -------------------------------------------------------------
+def _prompts():
+    from fast_dvlm_sglang.demo import DEMO_CHECKPOINT, shapes
+    from fast_dvlm_sglang.processing import render_chat
+    from fast_dvlm_sglang.tokenizer import load_processor
+
+    proc = load_processor(DEMO_CHECKPOINT)
+    out = []
+    for s in shapes.make_split(531, 8):
+        url = None
+        if s.image is not None:
+            import base64
+            import io
+
+            buf = io.BytesIO()
+            s.image.save(buf, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        out.append((render_chat(proc, s.prompt_messages, add_generation_prompt=True), url))
+    return out
+
+
+def _assert_logprobs_close(got: dict, want: dict, where) -> None:
+    assert got["output_ids"] == want["output_ids"], where
+    g, w = got["meta_info"], want["meta_info"]
+    assert [t for _, t, _ in g["output_token_logprobs"]] == got["output_ids"]
+    assert [t for _, t, _ in w["output_token_logprobs"]] == want["output_ids"]
+    for j, ((gv, _, _), (wv, _, _)) in enumerate(zip(g["output_token_logprobs"], w["output_token_logprobs"])):
+        assert gv == pytest.approx(wv, abs=ATOL), (where, j)
+    for j, (gt, wt) in enumerate(zip(g["output_top_logprobs"], w["output_top_logprobs"])):
+        assert [v for v, _, _ in gt] == pytest.approx([v for v, _, _ in wt], abs=ATOL), (where, j)
+        values = [v for v, _, _ in wt]
+        for k, ((_, gi, _), (_, wi, _)) in enumerate(zip(gt, wt)):
+            neighbours = [values[m] for m in (k - 1, k + 1) if 0 <= m < len(values)]
+            if all(abs(values[k] - v) > 2 * ATOL for v in neighbours):  # ids swap only inside a tie
+                assert gi == wi, (where, j, k)
+
+
+@pytest.mark.parametrize("options", [{}, {"regex": r"[A-Z][A-Za-z0-9 ,:'-]*[.?!]( [A-Z][A-Za-z0-9 ,:'-]*[.?!])*"},
+                                     {"frequency_penalty": 0.5, "presence_penalty": 0.2, "logit_bias": {"13": -1.5}}],
+                         ids=["greedy", "regex", "penalties_bias"])
+def test_logprobs_equal_ars_for_8_concurrent_requests(demo_spec_and_ar, options):
+    import concurrent.futures as cf
+
+    import httpx
+
+    spec, ar = demo_spec_and_ar
+
+    def run(server, job):
+        text, url = job
+        body = {"text": text, "return_logprob": True, "top_logprobs_num": 3,
+                "sampling_params": {"max_new_tokens": 40, "temperature": 0, **options}}
+        if url:
+            body["image_data"] = url
+        r = httpx.post(server.base_url + "/generate", json=body, timeout=300)
+        r.raise_for_status()
+        return r.json()
+
+    jobs = _prompts()
+    with cf.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda j: run(spec, j), jobs))
+    for i, (g, job) in enumerate(zip(got, jobs)):
+        _assert_logprobs_close(g, run(ar, job), (options, i))
+    assert sum(len(g["output_ids"]) for g in got) > 2 * sum(g["meta_info"]["dllm_nfe"][-1] for g in got)
+
+
+def test_chat_logprobs_whole_and_streamed_equal_ars(demo_spec_and_ar):
+    """OpenAI chat `logprobs` + `top_logprobs`, whole and streamed: the same tokens and logprobs
+    as AR's answer the same way (SGLang's stream leaves out the stop token's entry, for AR too),
+    and the streamed entries are the whole answer's."""
+    spec, ar = demo_spec_and_ar
+    messages = [{"role": "user", "content": "Is there a red square?"}]
+    kw = dict(model="default", messages=messages, max_tokens=24, temperature=0, logprobs=True, top_logprobs=2)
+
+    def whole(server):
+        return server.client().chat.completions.create(**kw).choices[0].logprobs.content
+
+    def streamed(server):
+        return [t for c in server.client().chat.completions.create(stream=True, **kw)
+                if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+
+    for ours, theirs in ((whole(spec), whole(ar)), (streamed(spec), streamed(ar))):
+        assert [t.token for t in ours] == [t.token for t in theirs]
+        for o, t in zip(ours, theirs):
+            assert o.logprob == pytest.approx(t.logprob, abs=ATOL)
+            assert [a.logprob for a in o.top_logprobs] == pytest.approx([a.logprob for a in t.top_logprobs], abs=ATOL)
+    full, stream = whole(spec), streamed(spec)
+    assert [(t.token, t.logprob) for t in stream] == [(t.token, t.logprob) for t in full[:len(stream)]]
+    assert len(full) - len(stream) in (0, 1)
+
+
+def test_sampled_logprobs_are_the_temperature_distributions(demo_spec_and_ar):
+    """Seeded sampling at temperature 0.7: asking for logprobs changes nothing drawn; each drawn
+    token's logprob is its entry among the top alternatives (the same temperature distribution;
+    its arithmetic: the unit test above)."""
+    spec, _ = demo_spec_and_ar
+    text, url = _prompts()[0]
+    body = generate(spec, text, image=url, max_new_tokens=24, temperature=0.7, sampling_seed=5)
+    import httpx
+
+    r = httpx.post(spec.base_url + "/generate", timeout=300, json={
+        "text": text, **({"image_data": url} if url else {}), "return_logprob": True, "top_logprobs_num": 5,
+        "sampling_params": {"max_new_tokens": 24, "temperature": 0.7, "sampling_seed": 5}})
+    r.raise_for_status()
+    again = r.json()
+    assert again["output_ids"] == body["output_ids"]  # asking for logprobs changes nothing drawn
+    assert all(value <= 0.0 for value, _, _ in again["meta_info"]["output_token_logprobs"])
+    for (value, token, _), top in zip(again["meta_info"]["output_token_logprobs"],
+                                      again["meta_info"]["output_top_logprobs"]):
+        assert top[0][0] >= value - 1e-6 and [v for v, _, _ in top] == sorted((v for v, _, _ in top), reverse=True)
+        if token in [t for _, t, _ in top]:
+            assert value == pytest.approx(next(v for v, t, _ in top if t == token), abs=1e-6)
+
+
+@pytest.mark.parametrize("case", ["generate_prompt_logprobs", "completions_echo", "generate_token_ids_logprob"])
+def test_prompt_logprobs_are_refused(demo_spec_and_ar, case):
+    import httpx
+
+    spec, _ = demo_spec_and_ar
+    if case == "completions_echo":
+        r = httpx.post(spec.base_url + "/v1/completions", timeout=60, json={
+            "model": "default", "prompt": "There is a", "max_tokens": 4, "logprobs": 2, "echo": True})
+    else:
+        extra = {"logprob_start_len": 0} if case == "generate_prompt_logprobs" else {"token_ids_logprob": [5, 7]}
+        r = httpx.post(spec.base_url + "/generate", timeout=60, json={
+            "text": "There is a", "return_logprob": True, "sampling_params": {"max_new_tokens": 4}, **extra})
+    assert r.status_code == 400, r.text[:300]
+    assert "does not support" in r.text
+    assert spec.healthy()
