@@ -215,9 +215,15 @@ def test_a_failure_mid_write_leaves_no_checkpoint(tmp_path, monkeypatch):
 
 
 def test_a_killed_run_leaves_no_checkpoint(tmp_path):
+    """SIGKILL the moment the checkpoint's temp dir appears (the write has begun; a fixed sleep
+    raced the whole run on a fast machine): no `out`, only the hidden temp dir."""
     proc = subprocess.Popen([sys.executable, "-m", "fast_dvlm_sglang.cli", "quantize", "--out", str(tmp_path / "out"),
                              "--calib-samples", "8"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(8)  # loading and calibrating
+    deadline = time.time() + 300
+    while not list(tmp_path.glob(".out.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.0005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before its checkpoint write began"
+    assert list(tmp_path.glob(".out.tmp-*"))
     assert not (tmp_path / "out").exists()
