@@ -475,3 +475,52 @@ def test_aborts_mid_answer_and_bad_grammars_leave_the_pool_whole(servers, prompt
     after = generate(spec, text, image=url, max_new_tokens=160, json_schema=json.dumps(SHAPES_SCHEMA))
     assert after["output_ids"] == before["output_ids"]
     assert spec.healthy()
+
+
+_CUDA_KERNEL_CHECK = r"""
+import torch
+from sglang.kernels.ops.grammar.bitmask_ops import apply_token_bitmask_inplace_triton
+from xgrammar import apply_token_bitmask_inplace
+from fast_dvlm_sglang.sglang_plugin import structured_output
+
+class Rows:  # a matcher stand-in: fills row i with a random bitmask (what walk() fills)
+    def __init__(self, seed):
+        self.gen = torch.Generator().manual_seed(seed)
+    def allocate_vocab_mask(self, vocab_size, batch_size, device):
+        from sglang.srt.constrained.xgrammar_backend import _allocate_token_bitmask
+        return _allocate_token_bitmask(vocab_size, batch_size)
+    def fill_vocab_mask(self, mask, i):
+        mask[i] = torch.randint(-2**31, 2**31 - 1, (mask.shape[1],), dtype=torch.int32, generator=self.gen)
+
+for seed, (rows, vocab) in enumerate([(1, 40), (7, 300), (33, 512), (64, 1000)]):
+    g = Rows(seed)
+    logits = torch.randn(rows, vocab, generator=g.gen)
+    mask = structured_output.allocate(g, rows, vocab)  # the round's mask: one row per verify position
+    for i in range(0, rows, 2):
+        g.fill_vocab_mask(mask, i)  # the other rows stay all-allowed
+    cpu, cuda_path = logits.clone(), logits.clone()
+    apply_token_bitmask_inplace(cpu, mask, backend="cpu")
+    apply_token_bitmask_inplace_triton(cuda_path, mask)  # what XGrammarGrammar.apply_vocab_mask runs on CUDA
+    assert torch.equal(cpu, cuda_path), (rows, vocab)
+    assert not torch.isinf(cpu[1::2]).any()
+print("ok")
+"""
+
+
+def test_the_round_mask_suits_sglangs_cuda_mask_kernel():
+    """On CUDA, `structured_output.apply` reaches SGLang's Triton bitmask kernel
+    (`XGrammarGrammar.apply_vocab_mask`), which asserts one mask row per logits row and a mask no
+    wider than the logits. Run under Triton's interpreter on the CPU: masks shaped as a round
+    builds them (one row per verify position, all-allowed rows between) give exactly the CPU
+    path's result, for odd row counts and vocabulary widths."""
+    import inspect
+    import os
+    import subprocess
+    import sys
+
+    from sglang.srt.constrained.xgrammar_backend import XGrammarGrammar
+
+    assert "apply_token_bitmask_inplace_triton(logits, vocab_mask)" in inspect.getsource(XGrammarGrammar.apply_vocab_mask)
+    out = subprocess.run([sys.executable, "-c", _CUDA_KERNEL_CHECK], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
