@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--sub-block-size", type=int, default=8, help="MDM sub-block size")
     p.add_argument("--threshold", type=float, default=0.9, help="MDM confidence threshold")
+    p.add_argument("--mdm-full-blocks", action="store_true",
+                   help="MDM: denoise every block to its end, also past a stop or max_tokens (the paper's NFE "
+                        "convention; default: stop once the block's filled prefix ends the answer)")
     p.add_argument("--spec-cuda-graph", action="store_true",
                    help="spec on CUDA: capture the draft and verify passes as two decode CUDA graphs "
                         "(opt-in, not yet run on a GPU with SGLang; default: eager rounds)")
@@ -182,12 +185,52 @@ def last_value(cmd: list[str], flag: str) -> str | None:
     return value
 
 
+PARALLEL_FLAGS = {"tp": ("--tp", "--tp-size", "--tensor-parallel-size"),
+                  "dp": ("--dp", "--dp-size", "--data-parallel-size"),
+                  "pp": ("--pp-size", "--pipeline-parallel-size")}
+
+
+def cpu_ranks(cmd: list[str]) -> int:
+    """SGLang processes that each run a model replica or shard: dp x tp x pp."""
+    ranks = 1
+    for flags in PARALLEL_FLAGS.values():
+        value = None
+        for i, a in enumerate(cmd):  # the last of any alias wins, as in SGLang's parser
+            if a in flags and i + 1 < len(cmd):
+                value = cmd[i + 1]
+            elif a.split("=", 1)[0] in flags and "=" in a:
+                value = a.split("=", 1)[1]
+        try:
+            ranks *= max(int(value), 1) if value is not None else 1
+        except ValueError:
+            pass  # SGLang's own parser reports it
+    return ranks
+
+
+def cpu_thread_binding(ranks: int, cores: list[int]) -> str:
+    """SGLang's `SGLANG_CPU_OMP_THREADS_BIND` for `ranks` ranks on `cores`: contiguous, equal
+    groups (SGLang's CPU default is one rank per NUMA node and refuses more ranks than nodes)."""
+    if ranks > len(cores):
+        raise SystemExit(f"fast-dvlm serve: {ranks} ranks (dp x tp x pp) on CPU need at least {ranks} cores, "
+                         f"this machine has {len(cores)}")
+    per = len(cores) // ranks
+    groups = [cores[i * per:(i + 1) * per] for i in range(ranks)]
+    return "|".join(",".join(str(c) for c in g) for g in groups)
+
+
 def backend_env(cmd: list[str]) -> dict[str, str]:
-    """Environment the SGLang processes need for the chosen backend: our Triton kernel on a CPU
-    runs in Triton's interpreter, which must be on before SGLang first imports Triton."""
-    if last_value(cmd, "--device") == "cpu" and last_value(cmd, "--attention-backend") == "fast_dvlm_triton":
-        return {"TRITON_INTERPRET": "1"}
-    return {}
+    """Environment the SGLang processes need: our Triton kernel on a CPU runs in Triton's
+    interpreter, which must be on before SGLang first imports Triton; several CPU ranks (`-- --dp
+    2`, `-- --tp 2`) get their cores split between them unless `SGLANG_CPU_OMP_THREADS_BIND` is set."""
+    env = {}
+    if last_value(cmd, "--device") != "cpu":
+        return env
+    if last_value(cmd, "--attention-backend") == "fast_dvlm_triton":
+        env["TRITON_INTERPRET"] = "1"
+    ranks = cpu_ranks(cmd)
+    if ranks > 1 and not os.environ.get("SGLANG_CPU_OMP_THREADS_BIND"):
+        env["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(ranks, sorted(os.sched_getaffinity(0)))
+    return env
 
 
 def serving_limits(args: argparse.Namespace) -> ServingLimits:
@@ -211,8 +254,11 @@ def algorithm_yaml(args: argparse.Namespace) -> str | None:
     for flag, given in spec_only.items():
         if given and args.algorithm != "spec":
             raise SystemExit(f"fast-dvlm serve: {flag} needs --algorithm spec")
+    if args.mdm_full_blocks and args.algorithm != "mdm":
+        raise SystemExit("fast-dvlm serve: --mdm-full-blocks needs --algorithm mdm")
     if args.algorithm == "mdm":
-        return f"sub_block_size: {args.sub_block_size}\nthreshold: {args.threshold}\n"
+        return (f"sub_block_size: {args.sub_block_size}\nthreshold: {args.threshold}\n"
+                + ("stop_early: false\n" if args.mdm_full_blocks else ""))
     lines = []
     if args.spec_cuda_graph:
         if args.device == "cpu" or (args.device == "auto" and not _has_cuda()):

@@ -219,3 +219,39 @@ def test_attention_backend_flag_and_the_interpreter(tmp_path, capsys, device, ex
     backend = serve.last_value(words, "--attention-backend")
     assert backend == ("fast_dvlm_triton" if extra else "torch_native" if device == "cpu" else "triton")
     assert ("TRITON_INTERPRET=1" in words) == interpret
+
+
+@pytest.mark.parametrize("extra,ranks", [
+    ([], 1), (["--", "--dp", "2"], 2), (["--", "--tp=2"], 2), (["--", "--data-parallel-size", "2"], 2),
+    (["--", "--tp-size", "2", "--tp", "1"], 1),  # the last alias wins, as in SGLang's parser
+    (["--", "--dp", "2", "--tp-size", "2"], 4), (["--", "--pp-size", "3"], 3),
+])
+def test_cpu_ranks_split_the_cores(tmp_path, capsys, monkeypatch, extra, ranks):
+    """Several CPU ranks (data / tensor / pipeline parallel) get equal, disjoint core groups in
+    SGLang's SGLANG_CPU_OMP_THREADS_BIND (its default allows one rank per NUMA node and refuses
+    `--dp 2` on a one-node machine); one rank, or a binding the user set, is left alone; more
+    ranks than cores is a one-line error."""
+    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(serve.os, "sched_getaffinity", lambda _pid: set(range(8)))
+    argv = ["--model", str(tmp_path), "--device", "cpu", "--dry-run", *extra]
+    assert serve.serve_main(argv) == 0
+    words = capsys.readouterr().out.split()
+    bind = [w.split("=", 1)[1] for w in words if w.startswith("SGLANG_CPU_OMP_THREADS_BIND=")]
+    if ranks == 1:
+        assert bind == []
+    else:
+        groups = [[int(c) for c in g.split(",")] for g in bind[0].split("|")]
+        assert len(groups) == ranks and all(len(g) == 8 // ranks for g in groups)
+        flat = [c for g in groups for c in g]
+        assert len(set(flat)) == len(flat) and set(flat) <= set(range(8))
+    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0-3|4-7")
+    assert serve.serve_main(argv) == 0
+    assert not any(w.startswith("SGLANG_CPU_OMP") for w in capsys.readouterr().out.split())
+
+
+def test_more_cpu_ranks_than_cores_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(serve.os, "sched_getaffinity", lambda _pid: {0, 1})
+    with pytest.raises(SystemExit) as e:
+        serve.serve_main(["--model", str(tmp_path), "--device", "cpu", "--dry-run", "--", "--dp", "2", "--tp", "2"])
+    assert "4 ranks" in str(e.value) and "2" in str(e.value) and "\n" not in str(e.value)

@@ -65,16 +65,16 @@ def mdm_decode(session, out, params, generator, *, block_size: int, sub_block_si
 
     The first token of every block comes from causal logits (the prompt prefill, then each
     block's KV-write forward), exactly as an AR step would produce it; the diffusion iterations
-    fill the other block_size - 1 positions. Every block is a full `block_size` block, also the
-    last one: the SGLang plugin denoises a whole block and the scheduler only then cuts it at
-    max_new_tokens or a stop, and the bidirectional context of the masked tail changes what the
-    filled positions become. `out` applies that cut.
+    fill the other block_size - 1 positions. Every block is a full `block_size` canvas, also the
+    last one (a shorter last block would change what the filled positions become: they attend to
+    the masked tail bidirectionally), and is cut at max_new_tokens or a stop; `out` applies that
+    cut. The SGLang plugin lays out its blocks the same way.
 
     NFE (`session.nfe`) counts every forward this loop runs after the prefill: each diffusion
     iteration and each block's KV write (none after the last block). Denoising stops as soon as
-    the filled prefix of a block decides the output (`_ends_inside`); the server does not look
-    for that and completes the block, so on an answer that ends inside a block it runs up to one
-    forward per position left masked after the cut more than counted here.
+    the filled prefix of a block decides the output (`_ends_inside`); the server does the same
+    for stop tokens and max_new_tokens (`sglang_plugin/mdm_scheduler.py`; its
+    `meta_info["dllm_nfe"]` equals this count) and, with `--mdm-full-blocks`, completes every block.
     """
     from .sampling import adjust_logits, sample_tokens
 

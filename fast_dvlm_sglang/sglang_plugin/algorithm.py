@@ -12,6 +12,21 @@ Per block (SGLang's separate-context-encoding flow, sglang/srt/dllm/mixin/req.py
 3. a complete block is emitted; SGLang discards its bidirectional KV and step 1 re-encodes it
    causally in the next round.
 
+A block is complete when nothing in it is masked, or earlier (`stop_early`, on by default) once
+its filled prefix (the committed positions before the first mask) holds one of the request's
+stop tokens (SGLang's `Req._check_token_based_finish` set) or reaches its `max_new_tokens`: as
+in the reference decoder (`decoding.mdm._ends_inside`), nothing after that cut is ever shown and
+committed positions never change, so the answer is the same and the forwards that would only
+denoise hidden positions are not run. The positions left masked are emitted as the mask token
+and cut by SGLang's own finish check. Requests with stop strings or regexes denoise whole blocks
+(SGLang matches those on detokenized text after the block is emitted).
+
+NFE per request, counted here as the reference counts it (`session.nfe`): every forward after the
+prompt's prefill, i.e. each denoising forward of a block and each causal re-encoding pass of a
+completed block; reported per output token in `meta_info["dllm_nfe"]` (as spec does;
+the scheduler side, stops, budgets and counts, is `mdm_scheduler.py`). With `stop_early: false` the server runs the paper's (and the authors'
+SGLang code's) convention instead: every block denoised to the end.
+
 Per-request state lives on the request (a small dict carried by SGLang through
 `req.dllm_algo_state`); this object holds only configuration. Greedy; `logit_bias` is added to
 every position's logits (`with_logit_bias`); what MDM cannot apply is refused at admission
@@ -75,6 +90,9 @@ class FastDVLMBlock(DllmAlgorithm):
         algo = config.algorithm_config or {}
         self.sub_block_size = int(algo.get("sub_block_size", DEFAULT_SUB_BLOCK_SIZE))
         self.threshold = float(algo.get("threshold", DEFAULT_THRESHOLD))
+        self.stop_early = algo.get("stop_early", True)
+        if not isinstance(self.stop_early, bool):
+            raise ValueError(f"stop_early must be true or false, got {self.stop_early!r}")
         if not 1 <= self.sub_block_size <= self.block_size:
             raise ValueError(f"sub_block_size must be in [1, block_size={self.block_size}], got {self.sub_block_size}")
         if not 0.0 <= self.threshold <= 1.0:
@@ -108,7 +126,8 @@ class FastDVLMBlock(DllmAlgorithm):
             out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
             logits = with_logit_bias(out.logits_output.next_token_logits, forward_batch, 1)
             first = without_mask(logits, self.mask_id).argmax(dim=-1).tolist()
-            states = [{"first_token": int(t), "masked": None} for t in first]
+            states = [{"first_token": int(t), "masked": None, "nfe": 0, "stops": None, "room": None}
+                      for t in first]  # `start_block` fills in the request's part
             return out.logits_output, [], None, states, out.can_run_graph
         if algo_states is None or any(s is None or "first_token" not in s for s in algo_states):
             raise RuntimeError(
@@ -146,7 +165,26 @@ class FastDVLMBlock(DllmAlgorithm):
         masked = masked & ~commit
         for i, state in enumerate(states):
             state["masked"] = masked[i]
-        return (~masked.any(dim=1)).tolist()
+            state["nfe"] += 1
+        done = ~masked.any(dim=1)
+        if self.stop_early:
+            done |= self._decided(ids, masked, states)
+        return done.tolist()
+
+    @staticmethod
+    def _decided(ids: torch.Tensor, masked: torch.Tensor, states: list[Any]) -> torch.Tensor:
+        """Rows whose filled prefix already holds a stop token or reaches the request's budget."""
+        batch, width = ids.shape
+        filled = (~masked).long().cumprod(dim=1).bool()  # the committed positions before the first mask
+        room = torch.tensor([width + 1 if s["room"] is None else s["room"] for s in states], device=ids.device)
+        decided = filled.sum(dim=1) >= room
+        stops = [s["stops"] for s in states]
+        if any(t is not None and t.numel() for t in stops):
+            padded = torch.nn.utils.rnn.pad_sequence(
+                [t if t is not None else ids.new_empty(0) for t in stops], batch_first=True, padding_value=-1)
+            hit = (ids[:, :, None] == padded[:, None, :].to(ids.device)).any(dim=2)
+            decided |= (hit & filled).any(dim=1)
+        return decided
 
 
 Algorithm = FastDVLMBlock

@@ -29,9 +29,10 @@ HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
     ("sglang.srt.configs.model_config.is_multimodal_model", f"{_ME}:is_multimodal_model", "AROUND"),
     # Processor mapping: Qwen2.5-VL's image processor for our architecture.
     ("sglang.srt.managers.multimodal_processor.import_processors", f"{_ME}:after_import_processors", "AFTER"),
-    # The scheduler step. FastDVLMBlock: after SGLang's own step, move the causal context pass's
-    # first token onto the request. FastDVLMSpeculative: replaces the step (variable commits and
-    # KV rollback, `spec_scheduler.process_batch_result_dllm`). Other algorithms: untouched.
+    # The scheduler step. FastDVLMBlock: around SGLang's own step, the next block's state on the
+    # request after a context pass, NFE per token, a block whose first token ends the answer
+    # emitted without denoising (`mdm_scheduler.py`). FastDVLMSpeculative: replaces the step
+    # (variable commits and KV rollback, `spec_scheduler.py`). Other algorithms: untouched.
     ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin.process_batch_result_dllm",
      f"{_ME}:process_batch_result_dllm", "AROUND"),
     # FastDVLMSpeculative keeps the verify pass's KV of the committed tokens: no re-encoding.
@@ -144,14 +145,8 @@ def process_batch_result_dllm(original, scheduler, batch, result):
         from .spec_scheduler import process_batch_result_dllm as spec_step
 
         return spec_step(original, scheduler, batch, result)
-    original(scheduler, batch, result)
-    if algorithm != ALGORITHM_NAME or batch.forward_mode.is_dllm_extend():
-        return None
-    # A causal context pass of FastDVLMBlock: each request's first block token goes on the request.
-    states = getattr(result, "dllm_algo_state", None)
-    if states is None:
-        return None
-    for req, state in zip(batch.reqs, states):
-        if state is not None:
-            req.dllm_algo_state = state
-    return None
+    if algorithm == ALGORITHM_NAME:
+        from .mdm_scheduler import process_batch_result_dllm as mdm_step
+
+        return mdm_step(original, scheduler, batch, result)
+    return original(scheduler, batch, result)

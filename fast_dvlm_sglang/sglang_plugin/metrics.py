@@ -15,6 +15,9 @@ here are merged into the server's `/metrics` next to SGLang's:
 - `fast_dvlm:spec_round_tokens`: histogram of the tokens a round emits (1 .. block_size + 1);
 - `fast_dvlm:spec_draft_length`: histogram of the draft length k a round ran with, per request
   (0: an AR step; `draft_length.py` chooses it);
+- `fast_dvlm:mdm_forwards_total`: `FastDVLMBlock` forwards per request after the prompt's prefill
+  (each denoising forward, each re-encoding of a completed block; the per-request
+  `meta_info["dllm_nfe"]` summed): tokens/NFE = completion tokens / mdm_forwards_total;
 - `fast_dvlm:vision_encoder_images_total`: images the vision tower encoded (an image whose
   tokens come from the radix cache is not encoded again);
 - `fast_dvlm:cached_prompt_tokens`: histogram of the prompt tokens a request found in the radix
@@ -27,6 +30,9 @@ import os
 from functools import cache
 
 PREFIX = "fast_dvlm:spec_"
+# Per-request `meta_info` key (SGLang's `req.customized_info` channel), both algorithms: the
+# request's forwards after its prompt's prefill, per output token.
+METRIC_NFE = "dllm_nfe"
 
 
 @cache
@@ -61,6 +67,18 @@ def record(block_size: int, *, rounds: int, accepted_drafts: int, tokens: int, f
     if rounds:
         per_round.observe(tokens)
         draft_lengths.observe(draft_length)
+
+
+@cache
+def _mdm_forwards():
+    from prometheus_client import Counter
+
+    return Counter("fast_dvlm:mdm_forwards", "FastDVLMBlock forwards per request after the prompt's prefill (NFE)")
+
+
+def record_mdm_forwards(n: int) -> None:
+    if n:
+        _mdm_forwards().inc(n)
 
 
 CACHED_TOKEN_BUCKETS = [0.0] + [float(2 ** i) for i in range(5, 18)]  # 0, 32 .. 128k

@@ -69,7 +69,7 @@ from .speculative import ALGORITHM_NAME, SpecState
 logger = logging.getLogger(__name__)
 
 METRIC_ROUND = "dllm_spec_round"
-METRIC_NFE = "dllm_nfe"
+METRIC_NFE = metrics.METRIC_NFE
 METRIC_DRAFT_LENGTH = "dllm_draft_length"
 
 

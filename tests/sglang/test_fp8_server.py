@@ -93,7 +93,8 @@ def test_fp8_demo_is_served_as_the_reference_fp8_decoder(fp8_servers):
 
 def test_fp8_demo_mdm_is_the_reference_fp8_mdm_decoder(fp8_servers):
     """MDM (block-bidirectional denoising steps through the FP8 linears), 4 prompts at once:
-    token for token the reference FP8 model's MDM answers."""
+    token for token the reference FP8 model's MDM answers, in as many forwards (the demo's answers
+    end with EOS inside a block: the server stops denoising there, as the reference does)."""
     import concurrent.futures as cf
 
     servers, ref = fp8_servers
@@ -102,7 +103,9 @@ def test_fp8_demo_mdm_is_the_reference_fp8_mdm_decoder(fp8_servers):
         bodies = list(pool.map(lambda c: generate(servers["mdm"], ref.text(c[0]), image=c[1], max_new_tokens=c[2]),
                                convs))
     for i, (body, (msgs, _url, n)) in enumerate(zip(bodies, convs)):
-        assert body["output_ids"] == ref.run(msgs, n, algorithm="mdm").token_ids, f"request {i}"
+        want = ref.run(msgs, n, algorithm="mdm")
+        assert body["output_ids"] == want.token_ids, f"request {i}"
+        assert body["meta_info"]["dllm_nfe"][-1] == want.nfe, f"request {i}"
 
 
 def _reference_logprobs(ref, messages, output_ids: list[int]) -> torch.Tensor:

@@ -166,7 +166,7 @@ def test_algorithm_step_matches_select_unmask():
     B, L, V, MASK = 3, 8, 11, 10
     algo = FastDVLMBlock(DllmConfig("FastDVLMBlock", {"sub_block_size": 4, "threshold": 0.5}, L, MASK, B))
     fb = _FakeBatch([[0] * L] * B)
-    states = [{"first_token": t, "masked": None} for t in (1, 2, 3)]
+    states = [{"first_token": t, "masked": None, "nfe": 0, "stops": None, "room": None} for t in (1, 2, 3)]
     algo.prepare_inputs(None, fb, states)
     ids = fb.input_ids.view(B, L)
     assert ids[:, 0].tolist() == [1, 2, 3] and (ids[:, 1:] == MASK).all()
@@ -186,3 +186,62 @@ def test_algorithm_step_matches_select_unmask():
             break
     assert all(done)
     assert not (fb.input_ids == MASK).any()
+    assert all(st["nfe"] == _ + 1 for st in states)  # one forward per step, counted per request
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mdm_block_ends_once_its_filled_prefix_decides_the_answer(seed):
+    """`stop_early`: a row is done as soon as its filled prefix (committed positions before the
+    first mask) holds one of its stop ids or reaches its room, and not before; a whole-block run
+    (stop_early false, same logits) never changes a committed position afterwards, so it ends
+    with the same tokens where the early row ended. Random logits, stops and budgets."""
+    import torch
+    from sglang.srt.dllm.config import DllmConfig
+
+    from fast_dvlm_sglang.sglang_plugin.algorithm import FastDVLMBlock
+
+    B, L, V, MASK = 4, 16, 13, 12
+    gen = torch.Generator().manual_seed(seed)
+    cfg = {"sub_block_size": 4, "threshold": 0.6}
+    early = FastDVLMBlock(DllmConfig("FastDVLMBlock", cfg, L, MASK, B))
+    whole = FastDVLMBlock(DllmConfig("FastDVLMBlock", {**cfg, "stop_early": False}, L, MASK, B))
+    stops = [torch.randint(0, MASK, (int(n),), generator=gen) for n in torch.randint(0, 3, (B,), generator=gen)]
+    rooms = [None if r == 0 else int(r) for r in torch.randint(0, L + 2, (B,), generator=gen)]
+    firsts = torch.randint(0, MASK, (B,), generator=gen).tolist()
+
+    def fresh():
+        return [{"first_token": f, "masked": None, "nfe": 0, "stops": st, "room": r}
+                for f, st, r in zip(firsts, stops, rooms)]
+
+    fa, fb = _FakeBatch([[0] * L] * B), _FakeBatch([[0] * L] * B)
+    sa, sb = fresh(), fresh()
+    early.prepare_inputs(None, fa, sa)
+    whole.prepare_inputs(None, fb, sb)
+    ended_at = [None] * B
+    snapshot = [None] * B
+    for step in range(1, 4 * L):
+        logits = torch.randn(B * L, V, generator=gen) * 3
+        before = fb.input_ids.view(B, L).clone()
+        before_masked = torch.stack([s["masked"] for s in sb])
+        done_a = early.step(fa, logits, sa)
+        done_b = whole.step(fb, logits, sb)
+        after = fb.input_ids.view(B, L)
+        assert torch.equal(after[~before_masked], before[~before_masked]), "a committed position changed"
+        for i in range(B):
+            masked = sa[i]["masked"]
+            filled = int((~masked).long().cumprod(0).sum())
+            prefix = fa.input_ids.view(B, L)[i, :filled].tolist()
+            decides = (not masked.any()) or (rooms[i] is not None and filled >= rooms[i]) or any(
+                t in prefix for t in stops[i].tolist())
+            if ended_at[i] is None:
+                assert done_a[i] == decides, (i, step)
+                assert done_b[i] == (not masked.any()), (i, step)
+                if decides:
+                    ended_at[i], snapshot[i] = step, fa.input_ids.view(B, L)[i].clone()
+                    assert sa[i]["nfe"] == step
+        if all(done_b):
+            break
+    assert all(done_b) and all(e is not None for e in ended_at)
+    for i in range(B):  # the whole-block run ends with what the early row had committed, unchanged
+        committed = snapshot[i] != MASK
+        assert torch.equal(fb.input_ids.view(B, L)[i][committed], snapshot[i][committed])

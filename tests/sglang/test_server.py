@@ -56,8 +56,9 @@ def references(tiny_checkpoints):
 
     cache = {}
 
-    def ref(layout, algorithm, url, max_tokens=MAX_TOKENS):
-        key = (layout, algorithm, url, max_tokens)
+    def result(layout, algorithm, url, max_tokens=MAX_TOKENS, eos_token_ids=None):
+        """The reference's `GenerationResult` and the rendered prompt text."""
+        key = (layout, algorithm, url, max_tokens, eos_token_ids)
         if key not in cache:
             path = tiny_checkpoints[layout]
             if (layout, "model") not in cache:
@@ -66,10 +67,16 @@ def references(tiny_checkpoints):
             model, proc = cache[(layout, "model")]
             enc = encode_chat(proc, _messages(url))
             out = generate(model, Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw),
-                           GenerationConfig(algorithm=algorithm, max_new_tokens=max_tokens))
-            cache[key] = (out.token_ids, render_chat(proc, _messages(url), add_generation_prompt=True))
+                           GenerationConfig(algorithm=algorithm, max_new_tokens=max_tokens,
+                                            eos_token_ids=eos_token_ids))
+            cache[key] = (out, render_chat(proc, _messages(url), add_generation_prompt=True))
         return cache[key]
 
+    def ref(layout, algorithm, url, max_tokens=MAX_TOKENS):
+        out, text = result(layout, algorithm, url, max_tokens)
+        return out.token_ids, text
+
+    ref.result = result
     return ref
 
 
@@ -110,6 +117,45 @@ def test_mdm_budget_inside_a_block_equals_reference(servers, references, max_tok
         url = image_url(color, shape)
         ref_ids, prompt_text = references("old", "mdm", url, max_tokens)
         assert _native(server, prompt_text, url, max_tokens)[0] == ref_ids, (color, shape)
+
+
+def test_mdm_counts_forwards_as_the_reference_and_stops_denoising_where_it_does(servers, references,
+                                                                               tiny_checkpoints):
+    """`meta_info["dllm_nfe"]` of an MDM answer, per output token, ends at the reference decoder's
+    NFE for the same answer: every denoising forward and every block re-encoding after the
+    prefill, denoising stopped once a block's filled prefix holds a stop token or reaches
+    max_tokens (budgets inside a block, at a block's first token (33), stop_token_ids taken from
+    the answer itself at several places)."""
+    import httpx
+
+    server = servers["mdm"]
+    eos = _eos_ids(tiny_checkpoints["old"])
+
+    def native(text, url, n, **sp):
+        r = httpx.post(server.base_url + "/generate", headers=server.headers, timeout=120, json={
+            "text": text, "image_data": url, "sampling_params": {"max_new_tokens": n, "temperature": 0, **sp}})
+        r.raise_for_status()
+        return r.json()
+
+    saved = 0
+    for color, shape in [("red", "ellipse"), ("blue", "rectangle")]:
+        url = image_url(color, shape)
+        for n in (5, 33, 64):
+            want, text = references.result("old", "mdm", url, n)
+            body = native(text, url, n)
+            nfe = body["meta_info"]["dllm_nfe"]
+            assert body["output_ids"] == want.token_ids, (color, n)
+            assert len(nfe) == len(want.token_ids) and nfe == sorted(nfe), (color, n)
+            assert nfe[-1] == want.nfe, (color, n, nfe[-1], want.nfe)
+        raw = references.result("old", "mdm", url, 64)[0].token_ids
+        for t in sorted({raw[2], raw[20], raw[40]}):
+            want, text = references.result("old", "mdm", url, 64, eos_token_ids=tuple(sorted(eos | {t})))
+            body = native(text, url, 64, stop_token_ids=[t])
+            assert body["output_ids"] == want.token_ids, (color, t)
+            assert body["meta_info"]["dllm_nfe"][-1] == want.nfe, (color, t)
+            assert body["meta_info"]["finish_reason"]["type"] == "stop"
+            saved += references.result("old", "mdm", url, 64)[0].nfe - want.nfe
+    assert saved > 0  # the stops cut answers short: fewer forwards than the uncut answers'
 
 
 def test_mdm_logit_bias_equals_the_reference_with_it(servers, references, tiny_checkpoints):
