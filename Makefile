@@ -12,7 +12,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: venv venv-sglang test test-core test-sglang serve lint format clean
+.PHONY: venv venv-sglang test test-core test-sglang serve bench lint format clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -27,7 +27,7 @@ venv-sglang: $(VENV_SGLANG)/.installed
 $(VENV_SGLANG)/.installed: pyproject.toml constraints-sglang.txt
 	test -x $(VENV_SGLANG)/bin/python || $(PYTHON) -m venv $(VENV_SGLANG)
 	$(VENV_SGLANG)/bin/pip install -q --upgrade pip
-	$(VENV_SGLANG)/bin/pip install -q -c constraints-sglang.txt -e '.[sglang,dev]'
+	$(VENV_SGLANG)/bin/pip install -q -c constraints-sglang.txt -e '.[sglang,router,dev]'
 	touch $@
 
 # The core suite runs while SGLang's environment installs (pip is mostly unpacking and disk,
@@ -44,6 +44,14 @@ test-sglang: venv-sglang
 
 serve: venv-sglang
 	$(VENV_SGLANG)/bin/fast-dvlm serve --model demo --host $(HOST) --port $(PORT)
+
+# The CPU benchmark suite on the demo model (README: Benchmarks): AR, MDM (stopping at a stop, and
+# whole blocks: the paper's NFE convention) and spec through SGLang
+# at 1, 4 and 16 requests in flight; writes benchmarks/results/bench_serve_<device>_demo.{json,md,png}.
+BENCH_ARGS ?=
+bench: venv-sglang
+	$(VENV_SGLANG)/bin/fast-dvlm bench serve --model demo --algorithms ar,mdm,mdm-full,spec --concurrency 1,4,16 \
+		--requests 32 --max-new-tokens 128 $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check fast_dvlm_sglang kernels quantize tests benchmarks

@@ -1,4 +1,4 @@
-"""`fast-dvlm`: make-tiny, generate, eval-demo, quantize, serve.
+"""`fast-dvlm`: make-tiny, generate, eval-demo, quantize, serve, bench.
 
 Errors the user can fix (bad paths, bad images, bad flags) print one line `error: ...` and exit
 with status 2; nothing else is caught, so real bugs keep their traceback.
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("quantize", help="SmoothQuant + W8A8 FP8 to a compressed-tensors checkpoint "
                                     "(arguments: fast-dvlm quantize --help)", add_help=False)
     sub.add_parser("serve", help="serve through SGLang's OpenAI server (arguments: fast-dvlm serve --help)",
+                   add_help=False)
+    sub.add_parser("bench", help="serving and forward benchmarks (arguments: fast-dvlm bench --help)",
                    add_help=False)
     return parser
 
@@ -148,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         from .serve import serve_main
 
         return serve_main(argv[1:])
+    if argv and argv[0] == "bench":
+        from .benchmarks.cli import bench_main
+
+        return bench_main(argv[1:])
     if argv and argv[0] == "quantize":
         from .quantize.export import quantize_main
 

@@ -98,11 +98,16 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
-        past = cache.read(layer) if cache is not None else None
-        if write_cache:
-            cache.append(layer, k, v)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        if cache is not None and hasattr(cache, "window"):
+            # A preallocated cache (as a serving engine's): the new keys go into their slots and
+            # attention reads context + new in place, without concatenating.
+            k, v = cache.window(layer, k, v, persist=write_cache)
+        else:
+            past = cache.read(layer) if cache is not None else None
+            if write_cache:
+                cache.append(layer, k, v)
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         kind = mask_kind(mask)
         if self.attention_kernel and kind is not None:
             from .kernels.block_attention import dense_block_attention

@@ -303,17 +303,21 @@ def block_attention(
 def dense_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                           config: BlockAttentionConfig | None = None) -> torch.Tensor:
     """The kernel over a dense cache (the reference model's): q [B, Hq, T, D] (the new tokens),
-    k, v [B, Hkv, S, D] contiguous (context + new tokens). Returns [B * T, Hq, D].
+    k, v [B, Hkv, S, D] (context + new tokens), contiguous or the first S keys of a longer
+    [B, Hkv, S_max, D] buffer. Returns [B * T, Hq, D].
 
-    No copy of K/V: the dense tensor is read as a pool whose slot `b * Hkv * S + j` is key j of
-    sequence b (slot stride D, head stride S * D), through an identity table."""
+    No copy of K/V: the dense tensor is read as a pool whose slot `b * Hkv * S_max + j` is key j
+    of sequence b (slot stride D, head stride S_max * D), through an identity table."""
     batch, num_q_heads, new, head_dim = q.shape
     num_kv_heads, total = k.shape[1], k.shape[2]
-    k, v = k.contiguous(), v.contiguous()
-    slots = batch * num_kv_heads * total - (num_kv_heads - 1) * total
-    k_pool = k.as_strided((slots, num_kv_heads, head_dim), (head_dim, total * head_dim, 1))
-    v_pool = v.as_strided((slots, num_kv_heads, v.shape[-1]), (v.shape[-1], total * v.shape[-1], 1))
-    table = (torch.arange(batch, device=q.device, dtype=torch.int32)[:, None] * (num_kv_heads * total)
+    k, v = _keys_in_rows(k), _keys_in_rows(v)
+    span = k.stride(1) // k.shape[-1]  # keys between two heads' rows in memory (S_max >= S)
+    if v.stride(1) // v.shape[-1] != span:
+        k, v, span = k.contiguous(), v.contiguous(), total
+    slots = batch * num_kv_heads * span - (num_kv_heads - 1) * span
+    k_pool = k.as_strided((slots, num_kv_heads, head_dim), (head_dim, span * head_dim, 1))
+    v_pool = v.as_strided((slots, num_kv_heads, v.shape[-1]), (v.shape[-1], span * v.shape[-1], 1))
+    table = (torch.arange(batch, device=q.device, dtype=torch.int32)[:, None] * (num_kv_heads * span)
              + torch.arange(total, device=q.device, dtype=torch.int32)[None, :])
     lens = torch.full((batch,), new, dtype=torch.int32, device=q.device)
     return block_attention(
@@ -322,6 +326,16 @@ def dense_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
                                                                                dtype=torch.int32),
         lens, torch.full((batch,), total, dtype=torch.int32, device=q.device), max_q_len=new, causal=causal,
         config=config or default_config(q.device))
+
+
+def _keys_in_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` [B, H, S, D] if its keys are rows of one buffer (key stride D, unit element stride,
+    batch stride H x head stride), else a contiguous copy."""
+    b, h, s, d = x.shape
+    if x.stride(3) == 1 and x.stride(2) == d and x.stride(1) % d == 0 and x.stride(1) >= s * d \
+            and (b == 1 or x.stride(0) == h * x.stride(1)):
+        return x
+    return x.contiguous()
 
 
 def key_slots(req_to_token: torch.Tensor, row: int, length: int, page_size: int = 1) -> torch.Tensor:

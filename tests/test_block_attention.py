@@ -210,3 +210,22 @@ def test_reference_model_through_the_kernel(tiny_dir):
         outs[kernel] = generate(model, prompt, GenerationConfig(algorithm="spec", max_new_tokens=12)).token_ids
     model.use_attention_kernel(False)
     assert outs[True] == outs[False]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_kernel_reads_a_longer_buffer_in_place(causal):
+    """`dense_block_attention` on K/V that are the first S keys of a longer preallocated buffer
+    (the forward benchmark's cache, a serving cache's layout): the same output as on contiguous
+    copies, from the buffer itself (batch 3, GQA 4/2, S = 11 of 19)."""
+    from fast_dvlm_sglang.kernels.block_attention import _keys_in_rows, dense_block_attention
+
+    gen = torch.Generator().manual_seed(3)
+    buf_k = torch.randn(3, 2, 19, 16, generator=gen, device="cpu").to(DEVICE)
+    buf_v = torch.randn(3, 2, 19, 16, generator=gen, device="cpu").to(DEVICE)
+    q = torch.randn(3, 4, 5, 16, generator=gen, device="cpu").to(DEVICE)
+    k, v = buf_k[:, :, :11], buf_v[:, :, :11]
+    assert not k.is_contiguous() and _keys_in_rows(k).data_ptr() == buf_k.data_ptr()  # no copy
+    got = dense_block_attention(q, k, v, causal=causal, config=UNSPLIT)
+    want = dense_block_attention(q, k.contiguous(), v.contiguous(), causal=causal, config=UNSPLIT)
+    torch.testing.assert_close(got, want, atol=ATOL[torch.float32], rtol=0)
+    assert _keys_in_rows(buf_k.transpose(2, 3)).is_contiguous()  # other layouts are copied

@@ -1,0 +1,279 @@
+"""The benchmark suite's arithmetic, report schema and CLI (`fast-dvlm bench`), without timing
+anything that matters: metric definitions on constructed timings, percentiles against numpy,
+Prometheus parsing, the forward benchmark's bookkeeping on a tiny random model (CPU), and the
+errors a user gets for bad flags and datasets."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fast_dvlm_sglang.benchmarks import prometheus
+from fast_dvlm_sglang.benchmarks.load import DatasetError, jsonl_requests
+from fast_dvlm_sglang.benchmarks.serving_metrics import (
+    SCHEMA,
+    RequestRecord,
+    RunMeasurement,
+    add_ratios,
+    check_report,
+    environment,
+    markdown_table,
+    percentile,
+    summarize,
+)
+
+
+# ---- percentiles and per-request metrics ----------------------------------------------------------
+@pytest.mark.parametrize("seed", range(20))
+def test_percentile_is_numpys_linear_interpolation(seed):
+    rng = random.Random(seed)
+    xs = [rng.uniform(-5, 50) for _ in range(rng.randint(1, 40))]
+    for q in (0, 1, 25, 50, 90, 99, 100, rng.uniform(0, 100)):
+        assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)), abs=1e-12)
+
+
+def test_percentile_edges():
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_request_timings():
+    r = RequestRecord(start=10.0, end=11.0, first_content=10.2, chunk_times=(10.2, 10.3, 10.6, 11.0),
+                      output_tokens=9)
+    assert r.e2e == pytest.approx(1.0) and r.ttft == pytest.approx(0.2)
+    assert r.itls == pytest.approx([0.1, 0.3, 0.4])  # per chunk: a chunk may carry several tokens
+    assert r.tpot == pytest.approx(0.8 / 8)
+    assert RequestRecord(start=0, end=1, first_content=0.5, output_tokens=1).tpot is None
+    assert RequestRecord(start=0, end=1, error="boom").ttft is None
+
+
+def _records(n_ok=4, tokens=10, failed=1):
+    recs = [RequestRecord(start=i, end=i + 2.0, first_content=i + 0.5, chunk_times=(i + 0.5, i + 1.0, i + 2.0),
+                          output_tokens=tokens + i, prompt_tokens=100) for i in range(n_ok)]
+    return recs + [RequestRecord(start=0, end=1, error="HTTP 500")] * failed
+
+
+def test_summary_row_arithmetic():
+    recs = _records()
+    ar = summarize(recs, RunMeasurement(duration=5.0), algorithm="ar", precision="bf16", concurrency=4)
+    tokens = 10 + 11 + 12 + 13
+    assert ar["output_tokens"] == tokens and ar["failed"] == 1 and ar["requests"] == 5
+    assert ar["output_tokens_per_s"] == pytest.approx(tokens / 5.0)
+    assert ar["nfe"] == tokens - 4  # one decode step per token after the first
+    assert ar["tokens_per_nfe"] == pytest.approx(tokens / (tokens - 4))
+    assert ar["nfe_per_s"] == pytest.approx((tokens - 4) / 5.0)
+    assert ar["ttft_ms"]["p50"] == pytest.approx(500.0) and ar["e2e_latency_ms"]["p99"] == pytest.approx(2000.0)
+    assert ar["itl_ms"]["mean"] == pytest.approx(750.0)
+    assert ar["output_tokens_per_s_per_request"]["mean"] == pytest.approx(sum(t / 2.0 for t in (10, 11, 12, 13)) / 4)
+    spec = summarize(recs, RunMeasurement(duration=2.5, nfe=20, round_tokens={1: 6, 3: 2, 7: 2}),
+                     algorithm="spec", precision="bf16", concurrency=4)
+    assert spec["tokens_per_nfe"] == pytest.approx(tokens / 20)
+    assert spec["acceptance_histogram"] == {"1": 6, "3": 2, "7": 2}
+    assert spec["mean_tokens_per_round"] == pytest.approx((6 + 6 + 14) / 10)
+    mdm = summarize(recs, RunMeasurement(duration=2.5), algorithm="mdm", precision="bf16", concurrency=4)
+    assert mdm["nfe"] is None and mdm["tokens_per_nfe"] is None  # no server count: no number, never a guess
+    with pytest.raises(ValueError):
+        summarize(recs, RunMeasurement(duration=0.0), algorithm="ar", precision="bf16", concurrency=1)
+
+
+def test_ratio_to_ar_is_per_precision_and_concurrency():
+    def row(alg, prec, c, tps):
+        return {"algorithm": alg, "precision": prec, "batch_size": c, "output_tokens_per_s": tps}
+
+    rows = add_ratios([row("ar", "bf16", 1, 50.0), row("spec", "bf16", 1, 150.0), row("ar", "bf16", 16, 400.0),
+                       row("spec", "bf16", 16, 600.0), row("spec", "fp8", 1, 200.0), row("mdm", "bf16", 4, 9.0)])
+    assert [r["ratio_to_ar"] for r in rows] == [1.0, 3.0, 1.0, 1.5, None, None]
+
+
+def _valid_report():
+    rows = [summarize(_records(), RunMeasurement(duration=5.0), algorithm=a, precision="bf16", concurrency=4)
+            for a in ("ar", "spec")]
+    rows[1]["nfe"], rows[1]["tokens_per_nfe"] = 10, 4.6
+    return {"schema": SCHEMA, "kind": "serve", "environment": environment(), "settings": {"model": "demo"},
+            "summary": add_ratios(rows)}
+
+
+def test_report_schema():
+    report = _valid_report()
+    assert check_report(report) == []
+    assert report["environment"]["device"] and report["environment"]["torch"]
+    json.dumps(report)  # serialisable as written
+    table = markdown_table(report["summary"])
+    assert table.count("\n") == 4 and "| spec | bf16 | 4 |" in table
+    bad = json.loads(json.dumps(report))
+    del bad["summary"][1]["tokens_per_nfe"]
+    bad["summary"][0]["ratio_to_ar"] = 2.0
+    bad["schema"] = "other"
+    problems = check_report(bad)
+    assert any("schema" in p for p in problems) and any("lacks tokens_per_nfe" in p for p in problems)
+    assert any("AR row" in p for p in problems)
+    neg = json.loads(json.dumps(report))
+    neg["summary"][1]["output_tokens_per_s"] = -1
+    assert any("output_tokens_per_s" in p for p in check_report(neg))
+    assert check_report({**report, "summary": []}) == ["summary must be a non-empty list"]
+
+
+# ---- Prometheus ------------------------------------------------------------------------------------
+PROM = """# HELP fast_dvlm:spec_forwards_total forwards
+# TYPE fast_dvlm:spec_forwards_total counter
+fast_dvlm:spec_forwards_total 30.0
+fast_dvlm:spec_forwards_total 12.0
+fast_dvlm:spec_round_tokens_bucket{le="1.0"} 5.0
+fast_dvlm:spec_round_tokens_bucket{le="2.0"} 5.0
+fast_dvlm:spec_round_tokens_bucket{le="3.0"} 9.0
+fast_dvlm:spec_round_tokens_bucket{le="+Inf"} 9.0
+sglang:num_requests_total{model_name="x"} 3
+"""
+
+
+def test_prometheus_counters_and_histograms_differenced():
+    before = prometheus.parse(PROM)
+    assert prometheus.counter(before, prometheus.SPEC_FORWARDS) == 42.0  # multiprocess series summed
+    after = prometheus.parse(PROM.replace("30.0", "40.0").replace('le="3.0"} 9.0', 'le="3.0"} 11.0')
+                             .replace('le="+Inf"} 9.0', 'le="+Inf"} 11.0'))
+    d = prometheus.delta(before, after)
+    assert prometheus.counter(d, prometheus.SPEC_FORWARDS) == 10.0
+    assert prometheus.histogram_counts(before, prometheus.ROUND_TOKENS) == {1: 5, 3: 4}
+    assert prometheus.histogram_counts(d, prometheus.ROUND_TOKENS) == {3: 2}
+    assert prometheus.counter(d, prometheus.MDM_FORWARDS) is None
+
+
+# ---- datasets and the CLI ------------------------------------------------------------------------------
+def test_jsonl_dataset(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "hi"}\n\n{"messages": [{"role": "user", "content": "x"}], "max_tokens": 5, '
+                    '"answer": "y"}\n')
+    reqs = jsonl_requests(path, None, 64)
+    assert [r.max_tokens for r in reqs] == [64, 5] and reqs[1].answer == "y"
+    assert reqs[0].messages == [{"role": "user", "content": "hi"}]
+    assert len(jsonl_requests(path, 1, 64)) == 1
+    for text, needle in [("{oops\n", ":1: not JSON"), ('{"prompt": ""}\n', "needs a non-empty"),
+                         ('{"prompt": "a", "max_tokens": 0}\n', "max_tokens"), ("[1]\n", "expected an object"),
+                         ("\n", "no requests")]:
+        path.write_text(text)
+        with pytest.raises(DatasetError, match=needle):
+            jsonl_requests(path, None, 64)
+
+
+def _cli(*argv):
+    return subprocess.run([sys.executable, "-m", "fast_dvlm_sglang.cli", "bench", *argv], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    ((), "serve,online,forward"),
+    (("serve", "--concurrency", "0"), "every value must be >= 1"),
+    (("serve", "--concurrency", "1,x"), "not a comma-separated list of integers"),
+    (("serve", "--algorithms", "ar,beam"), "beam not in"),
+    (("serve", "--precisions", "int4"), "int4 not in"),
+    (("serve", "--dataset", "/no/such.jsonl"), "no such file"),
+    (("serve", "--model", "/no/such/model"), "no such checkpoint directory"),
+    (("online",), "--base-url"),
+    (("forward",), "--random-weights"),
+])
+def test_cli_errors_are_one_line(argv, needle):
+    done = _cli(*argv)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and needle in lines[0], done.stderr
+
+
+# ---- the forward benchmark on a tiny random model (CPU) ------------------------------------------------
+def test_static_cache_forward_equals_the_dense_cache():
+    """The benchmark's preallocated cache (attention reads context + new in place) gives the logits
+    the reference's dense cache gives for the same context K/V, draft and verify shapes."""
+    from fast_dvlm_sglang.attention_masks import block_bidirectional_mask, causal_mask
+    from fast_dvlm_sglang.benchmarks.forward import StaticKVCache, build_model, model_config
+    from fast_dvlm_sglang.kv_cache import DenseKVCache
+
+    cfg = model_config("tiny")
+    model = build_model(cfg, "bf16", torch.device("cpu"), torch.float32)
+    t = cfg.text
+    for bidirectional, new in ((True, 8), (False, 8), (False, 1)):
+        static = StaticKVCache(t.num_hidden_layers, 2, t.num_key_value_heads, t.head_dim, 12, new, torch.float32, "cpu")
+        dense = DenseKVCache(t.num_hidden_layers)
+        for layer in range(t.num_hidden_layers):
+            dense.append(layer, *(x.clone() for x in static.read(layer)))
+        ids = torch.randint(0, 500, (2, new))
+        pos = (torch.arange(new) + 12).view(1, 1, -1).expand(3, 2, -1)
+        mask = (block_bidirectional_mask if bidirectional else causal_mask)(new, 12)
+        embeds = model.model.language_model.embed_tokens(ids)
+        with torch.inference_mode():
+            a = model(embeds, pos, mask, static, write_cache=not bidirectional)
+            b = model(embeds, pos, mask, dense, write_cache=not bidirectional)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_transformers_twin_holds_our_weights():
+    """The baseline model is transformers' Qwen2.5-VL with our weights: same logits on a text
+    prompt (float32), so its generate is the AR baseline of the very model we time."""
+    from fast_dvlm_sglang.attention_masks import causal_mask
+    from fast_dvlm_sglang.benchmarks.forward import build_model, model_config, transformers_twin
+
+    cfg = model_config("tiny")
+    model = build_model(cfg, "bf16", torch.device("cpu"), torch.float32)
+    hf = transformers_twin(model, cfg, torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, 500, (1, 17))
+    with torch.inference_mode():
+        ours = model(model.embed(ids), model.rope_positions(ids), causal_mask(17))
+        theirs = hf(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_forward_bench_report(tmp_path):
+    """`fast-dvlm bench forward --config tiny` end to end on CPU: every forward timed, the roofline
+    and projections computed from those times as documented, a valid report with its files."""
+    done = subprocess.run([sys.executable, "-m", "fast_dvlm_sglang.cli", "bench", "forward", "--config", "tiny",
+                           "--random-weights", "--precisions", "bf16,fp8", "--contexts", "16,40",
+                           "--batch-sizes", "1,3", "--block-size", "8", "--reps", "2", "--baseline-new-tokens", "4",
+                           "--quiet", "--out", str(tmp_path / "f.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert check_report(report) == [] and report["kind"] == "forward"
+    assert (tmp_path / "f.md").is_file() and (tmp_path / "f.png").stat().st_size > 0
+    fwd = report["forwards"]
+    assert len(fwd) == 2 * 2 * 2 * 3
+    bw = report["settings"]["copy_bandwidth_GBps"] * 1e9
+    for r in fwd:
+        assert r["ms"] > 0 and r["roofline_ms"] == pytest.approx(r["bytes"] / bw * 1e3)
+        assert r["tokens"] == r["batch_size"] * (1 if r["forward"] == "ar_step" else 8)
+    one = {r["forward"]: r["ms"] / 1e3 for r in fwd if (r["precision"], r["context"], r["batch_size"]) == ("bf16", 40, 3)}
+    spec = [r for r in report["summary"] if (r["precision"], r["context"], r["batch_size"]) == ("bf16", 40, 3)
+            and r["variant"] == "spec (paper 2.63)"][0]
+    assert spec["projected"] and spec["output_tokens_per_s"] == pytest.approx(
+        3 * 2.63 / ((one["draft_block"] + one["verify_block"]) / 2))
+    assert spec["ratio_to_ar"] == pytest.approx(spec["output_tokens_per_s"] / (3 / one["ar_step"]))
+    assert set(report["transformers_eager_ar_tokens_per_s"]) == {"16", "40"}
+    assert all(v > 0 for v in report["transformers_eager_ar_tokens_per_s"].values())
+
+
+def test_profile_categories_follow_the_innermost_frame():
+    """A stack belongs to the category of its innermost frame that has one: our AROUND hooks wrap
+    SGLang's scheduler functions, so a frame of ours high up must not claim SGLang's work."""
+    from fast_dvlm_sglang.benchmarks.profile_server import classify, summarize_collapsed
+
+    hook = "around (fast_dvlm_sglang/sglang_plugin/hooks.py:10)"
+    stacks = {
+        f"main (x.py:1);{hook};prepare_for_extend (sglang/srt/managers/schedule_batch.py:5)": 3,
+        f"main (x.py:1);{hook};run (fast_dvlm_sglang/sglang_plugin/speculative.py:9);"
+        "forward (sglang/srt/model_executor/model_runner.py:2);apply (sglang/srt/layers/linear.py:7)": 5,
+        f"main (x.py:1);{hook};extend_attention (fast_dvlm_sglang/sglang_plugin/cpu_attention.py:55)": 2,
+        f"main (x.py:1);{hook};choose (fast_dvlm_sglang/sglang_plugin/draft_length.py:3)": 1,
+        "select (selectors.py:1)": 1,
+    }
+    assert [classify(s) for s in stacks] == ["sglang scheduling", "model forward (other)", "attention",
+                                             "our round (host)", "other"]
+    text = "\n".join(f"{s} {n}" for s, n in stacks.items()) + "\nnot a sample line\n"
+    summary = summarize_collapsed(text)
+    assert summary["busy_samples"] == 12
+    assert summary["share"]["model forward (other)"] == pytest.approx(5 / 12)
+    assert summary["top_self"][0] == {"frame": "apply (sglang/srt/layers/linear.py:7)", "share": pytest.approx(5 / 12)}
