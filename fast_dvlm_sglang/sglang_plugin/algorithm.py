@@ -165,7 +165,7 @@ class FastDVLMBlock(DllmAlgorithm):
         masked = masked & ~commit
         for i, state in enumerate(states):
             state["masked"] = masked[i]
-            state["nfe"] += 1
+            state["nfe"] = state.get("nfe", 0) + 1
         done = ~masked.any(dim=1)
         if self.stop_early:
             done |= self._decided(ids, masked, states)
@@ -176,9 +176,10 @@ class FastDVLMBlock(DllmAlgorithm):
         """Rows whose filled prefix already holds a stop token or reaches the request's budget."""
         batch, width = ids.shape
         filled = (~masked).long().cumprod(dim=1).bool()  # the committed positions before the first mask
-        room = torch.tensor([width + 1 if s["room"] is None else s["room"] for s in states], device=ids.device)
+        # (`start_block` sets both per request; a state without them never ends early)
+        room = torch.tensor([width + 1 if s.get("room") is None else s["room"] for s in states], device=ids.device)
         decided = filled.sum(dim=1) >= room
-        stops = [s["stops"] for s in states]
+        stops = [s.get("stops") for s in states]
         if any(t is not None and t.numel() for t in stops):
             padded = torch.nn.utils.rnn.pad_sequence(
                 [t if t is not None else ids.new_empty(0) for t in stops], batch_first=True, padding_value=-1)
