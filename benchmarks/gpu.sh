@@ -7,15 +7,8 @@
 # transformers' eager generate and the copy-bandwidth roofline; writes
 # benchmarks/results/bench_forward_cuda_fast-dvlm-3b.{json,md,png}.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-}
-if [ -z "$PY" ]; then
-    if [ -x .venv-sglang/bin/python ]; then PY=.venv-sglang/bin/python; else PY=python3; fi
-fi
-if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
-    echo "gpu.sh: no NVIDIA GPU visible (nvidia-smi)" >&2
-    exit 2
-fi
+. "$(dirname "$0")/gpu_env.sh"
+gpu_env gpu.sh
 if ! "$PY" -c "import torch, triton, transformers, safetensors" 2>/dev/null; then
     echo "gpu.sh: $PY needs torch, triton, transformers and safetensors" >&2
     exit 2

@@ -6,15 +6,8 @@
 # (tie-aware), ar graphs == eager, spec accepted lengths graphs == eager; prints a table, writes
 # benchmarks/results/gpu_smoke_cuda.json and exits non-zero on a failure.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-}
-if [ -z "$PY" ]; then
-    if [ -x .venv-sglang/bin/python ]; then PY=.venv-sglang/bin/python; else PY=python3; fi
-fi
-if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
-    echo "gpu_smoke: no NVIDIA GPU visible (nvidia-smi)" >&2
-    exit 2
-fi
+. "$(dirname "$0")/gpu_env.sh"
+gpu_env gpu_smoke
 if ! "$PY" -c "import sglang.srt, fast_dvlm_sglang.server_parity, httpx" 2>/dev/null; then
     echo "gpu_smoke: $PY lacks SGLang or this package: make venv-sglang, or pip install -e '.[sglang,dev]'" >&2
     exit 2

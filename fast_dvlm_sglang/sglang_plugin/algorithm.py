@@ -23,9 +23,9 @@ and cut by SGLang's own finish check. Requests with stop strings or regexes deno
 
 NFE per request, counted here as the reference counts it (`session.nfe`): every forward after the
 prompt's prefill, i.e. each denoising forward of a block and each causal re-encoding pass of a
-completed block; reported per output token in `meta_info["dllm_nfe"]` (as spec does;
-the scheduler side, stops, budgets and counts, is `mdm_scheduler.py`). With `stop_early: false` the server runs the paper's (and the authors'
-SGLang code's) convention instead: every block denoised to the end.
+completed block; reported per output token in `meta_info["dllm_nfe"]` (as spec does; the
+scheduler side, stops, budgets and counts, is `mdm_scheduler.py`). With `stop_early: false` the
+server runs the paper's (and the authors' SGLang code's) convention: every block to its end.
 
 Per-request state lives on the request (a small dict carried by SGLang through
 `req.dllm_algo_state`); this object holds only configuration. Greedy; `logit_bias` is added to
