@@ -14,8 +14,17 @@ PYTEST_ARGS ?=
 
 .PHONY: venv venv-sglang test test-core test-sglang serve bench lint format clean
 
+# Free disk an environment needs while it installs (measured: .venv 2.6 GB, .venv-sglang 11 GB:
+# SGLang's CUDA stack), checked first so that a small disk fails with one line, not half-way
+# through pip with ENOSPC. (An environment that exists already only updates: no check.)
+need_disk = @free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ ! -x $(2)/bin/python ] && [ "$$free" -lt $(1) ]; then \
+	echo "make: installing $(2) needs about $(1) GB of free disk; $$free GB free on $$(df -P . | awk 'NR==2 {print $$6}')" >&2; \
+	exit 1; fi
+
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
+	$(call need_disk,4,$(VENV))
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	# torch first and alone: on CPU machines pip.conf points at the CPU wheel.
@@ -25,6 +34,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv-sglang: $(VENV_SGLANG)/.installed
 $(VENV_SGLANG)/.installed: pyproject.toml constraints-sglang.txt
+	$(call need_disk,12,$(VENV_SGLANG))
 	test -x $(VENV_SGLANG)/bin/python || $(PYTHON) -m venv $(VENV_SGLANG)
 	$(VENV_SGLANG)/bin/pip install -q --upgrade pip
 	$(VENV_SGLANG)/bin/pip install -q -c constraints-sglang.txt -e '.[sglang,router,dev]'
