@@ -103,7 +103,7 @@ def encode_prompts(processor, chats: list[list[dict]]) -> list[Prompt]:
     prompts = []
     for messages in chats:
         enc = encode_chat(processor, messages)
-        prompts.append(Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw))
+        prompts.append(Prompt.from_encoded(enc))
     return prompts
 
 

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--video", type=Path, action="append", default=[],
+                   help="video clip (repeatable; mp4, webm, mkv, ... decoded with PyAV); after the images")
+    p.add_argument("--video-fps", type=float, default=2.0, help="frames sampled per second of video")
+    p.add_argument("--max-video-frames", type=int, default=32, help="frames kept per clip at most")
     p.add_argument("--algorithm", choices=["ar", "mdm", "spec"], default="spec")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--threshold", type=float, default=0.9, help="MDM confidence threshold")
@@ -80,13 +84,14 @@ def cmd_generate(args) -> int:
     from .config import resolve_model_dir
     from .decoding import GenerationConfig, Prompt, SamplingParams, generate
     from .model import FastDVLMForConditionalGeneration
-    from .processing import encode_chat
+    from .processing import encode_chat, video_policy
     from .tokenizer import load_processor
 
     model_dir = resolve_model_dir(args.model)
-    for image in args.image:
-        if not image.is_file():
-            raise UsageError(f"--image {image}: no such file")
+    for flag, paths in (("--image", args.image), ("--video", args.video)):
+        for path in paths:
+            if not path.is_file():
+                raise UsageError(f"{flag} {path}: no such file")
     try:
         sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         gen_cfg = GenerationConfig(args.algorithm, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
@@ -95,16 +100,19 @@ def cmd_generate(args) -> int:
         raise UsageError(str(e)) from e
     processor = load_processor(model_dir)
     if args.raw:
-        if args.image:
-            raise UsageError("--raw cannot be combined with --image (images need the chat template)")
+        if args.image or args.video:
+            raise UsageError("--raw cannot be combined with --image/--video (they need the chat template)")
         prompt = Prompt(processor.tokenizer.encode(args.prompt, add_special_tokens=False))
     else:
-        content = [{"type": "image", "image": str(p)} for p in args.image] + [{"type": "text", "text": args.prompt}]
+        content = ([{"type": "image", "image": str(p)} for p in args.image]
+                   + [{"type": "video", "video": str(p)} for p in args.video]
+                   + [{"type": "text", "text": args.prompt}])
         try:
-            enc = encode_chat(processor, [{"role": "user", "content": content}])
+            policy = video_policy(processor, fps=args.video_fps, max_frames=args.max_video_frames)
+            enc = encode_chat(processor, [{"role": "user", "content": content}], video_policy=policy)
         except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read the prompt/image: {e}") from e
-        prompt = Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw)
+            raise UsageError(f"cannot read the prompt/image/video: {e}") from e
+        prompt = Prompt.from_encoded(enc)
     if not prompt.input_ids:
         raise UsageError("the prompt is empty")
     model = FastDVLMForConditionalGeneration.from_pretrained(model_dir, device=args.device)

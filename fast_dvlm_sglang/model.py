@@ -219,22 +219,29 @@ class FastDVLMForConditionalGeneration(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings [B, T, H] with image features scattered onto the image pad tokens."""
+        """Token embeddings [B, T, H] with image (video) features scattered onto the image (video)
+        pad tokens; frames go through the same vision tower as images, as in Qwen2.5-VL."""
         h = self.model.language_model.embed_tokens(input_ids)
-        if pixel_values is None:
-            return h
-        image = self.model.visual(pixel_values.to(h.dtype), grid_thw=image_grid_thw).pooler_output
-        is_image = input_ids == self.config.image_token_id
-        if int(is_image.sum()) != image.shape[0]:
-            raise ValueError(
-                f"{int(is_image.sum())} image tokens in the prompt but {image.shape[0]} image features"
-            )
-        return h.masked_scatter(is_image[..., None], image.to(h.dtype))
+        for what, token, pixels, grid in (("image", self.config.image_token_id, pixel_values, image_grid_thw),
+                                          ("video", self.config.video_token_id, pixel_values_videos, video_grid_thw)):
+            if pixels is None:
+                continue
+            features = self.model.visual(pixels.to(h.dtype), grid_thw=grid).pooler_output
+            is_pad = input_ids == token
+            if int(is_pad.sum()) != features.shape[0]:
+                raise ValueError(
+                    f"{int(is_pad.sum())} {what} tokens in the prompt but {features.shape[0]} {what} features"
+                )
+            h = h.masked_scatter(is_pad[..., None], features.to(h.dtype))
+        return h
 
-    def rope_positions(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
-        """3-D M-RoPE positions [3, B, T] of a prompt (Qwen2.5-VL's rule for images)."""
-        return mrope_positions(input_ids, image_grid_thw, self.config)
+    def rope_positions(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
+                       video_grid_thw: torch.Tensor | None = None, second_per_grid_ts=None) -> torch.Tensor:
+        """3-D M-RoPE positions [3, B, T] of a prompt (Qwen2.5-VL's rule, `mrope_positions`)."""
+        return mrope_positions(input_ids, image_grid_thw, self.config, video_grid_thw, second_per_grid_ts)
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(
@@ -302,22 +309,39 @@ def _rebuild_meta_buffers(model: nn.Module) -> None:
             setattr(model.get_submodule(parent), child, fresh)
 
 
-def mrope_positions(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, cfg: FastDVLMConfig) -> torch.Tensor:
-    """Qwen2.5-VL position rule: text advances all three axes together; an image of merged grid
-    (t, h, w) placed after text position p gets (p+1+ti*scale, p+1+hi, p+1+wi) and the next text
-    token continues at max + 1. Images only (video would scale t by tokens_per_second)."""
+def mrope_positions(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, cfg: FastDVLMConfig,
+                    video_grid_thw: torch.Tensor | None = None,
+                    second_per_grid_ts=None) -> torch.Tensor:
+    """Qwen2.5-VL's position rule: text advances all three axes together; an image or video of
+    merged grid (t, h, w) that starts at position p gets (p + time(ti), p + hi, p + wi), and the
+    next text token continues at the block's max + 1, over all three axes.
+
+    time(ti) is ti for images and `int(ti * second_per_grid_t * tokens_per_second)` for videos
+    (absolute time: `tokens_per_second` positions per second of video). This is the original
+    Qwen2.5-VL rule and SGLang's (`mrope_rope_index.get_rope_index`); transformers 5.x continues
+    text after a video at p + max(h, w) instead, ignoring a temporal axis that reaches past it
+    (`tests/sglang/test_video.py` pins both). Grids are consumed in order across the batch."""
     b, t = input_ids.shape
     out = torch.zeros(3, b, t, dtype=torch.long, device=input_ids.device)
     merge = cfg.spatial_merge_size
+    # a modality without grids has no pad tokens to place: its id (if a prompt holds it) is text
+    grids = {token: iter(g.tolist()) for token, g in ((cfg.image_token_id, image_grid_thw),
+                                                       (cfg.video_token_id, video_grid_thw)) if g is not None}
+    # float32, as the processor returns them and SGLang multiplies them: `.long()` truncates, so a
+    # product landing on an integer must round the same way
+    seconds = iter([torch.tensor(float(s), dtype=torch.float32) for s in second_per_grid_ts]
+                   if second_per_grid_ts is not None else [])
     for row in range(b):
         ids = input_ids[row].tolist()
-        grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
         pos, i, next_pos = [], 0, 0
         while i < t:
-            if ids[i] == cfg.image_token_id:
-                gt, gh, gw = next(grids)
+            if ids[i] in grids:
+                gt, gh, gw = next(grids[ids[i]])
                 gh, gw = gh // merge, gw // merge
-                ti = torch.arange(gt).view(-1, 1, 1).expand(gt, gh, gw).flatten()
+                ti = torch.arange(gt)
+                if ids[i] == cfg.video_token_id:
+                    ti = (ti * next(seconds, torch.tensor(1.0)) * cfg.tokens_per_second).long()
+                ti = ti.view(-1, 1, 1).expand(gt, gh, gw).flatten()
                 hi = torch.arange(gh).view(1, -1, 1).expand(gt, gh, gw).flatten()
                 wi = torch.arange(gw).view(1, 1, -1).expand(gt, gh, gw).flatten()
                 block = torch.stack([ti, hi, wi]) + next_pos

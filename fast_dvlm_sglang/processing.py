@@ -1,12 +1,14 @@
 """Chats -> model inputs, shared by the CLI, evaluation and training.
 
 Text is rendered with the tokenizer's (Qwen2.5-VL) chat template and tokenized once, unexpanded;
-then each ``<|image_pad|>`` is expanded to ``t*h*w / merge_size**2`` copies, exactly as
-``Qwen2_5_VLProcessor`` does. Expanding ids rather than text keeps the character offsets of the
+then each ``<|image_pad|>`` and ``<|video_pad|>`` is expanded to ``t*h*w / merge_size**2`` copies,
+exactly as ``Qwen2_5_VLProcessor`` does. Clips go through `video.py` (PyAV frames, Qwen2.5-VL's
+sampling and resizing, the video processor's patching) under a `VideoPolicy`. Expanding ids rather than text keeps the character offsets of the
 rendered template valid, which ``encode_training_conversation`` uses to find the assistant spans.
 
 Only ``processor.tokenizer`` and ``processor.image_processor`` (a Qwen2-VL image processor) are
-used, so any processor-like object with those two attributes works.
+used, so any processor-like object with those two attributes works; an optional
+``processor.video_frame_bounds`` (per-frame pixel bounds, `tokenizer.load_processor`) sizes frames.
 """
 
 from __future__ import annotations
@@ -19,16 +21,21 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .video import VideoInputs, VideoPolicy, frame_pixel_bounds, load_video
+
 __all__ = [
     "EncodedChat",
     "EncodedConversation",
     "encode_chat",
     "encode_training_conversation",
     "extract_images",
+    "extract_videos",
     "render_chat",
+    "video_policy",
 ]
 
 IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
 IM_END = "<|im_end|>"
 ASSISTANT_PREFIX = "<|im_start|>assistant\n"
 
@@ -38,6 +45,9 @@ class EncodedChat:
     input_ids: list[int]
     pixel_values: torch.Tensor | None  # (num_patches, C * temporal_patch * patch * patch), float32
     image_grid_thw: torch.Tensor | None  # (num_images, 3), int64
+    pixel_values_videos: torch.Tensor | None = None  # (num_video_patches, C * 2 * patch * patch)
+    video_grid_thw: torch.Tensor | None = None  # (num_videos, 3), int64
+    second_per_grid_ts: tuple[float, ...] | None = None  # seconds per temporal patch, per video
 
 
 @dataclass(frozen=True)
@@ -69,30 +79,69 @@ def _load_image(ref) -> Image.Image:
 
 
 def _is_image_part(part: dict) -> bool:
-    # Same test as the chat template (videos are not supported).
+    # Same test as the chat template.
     return part.get("type") == "image" or "image" in part or "image_url" in part
+
+
+def _is_video_part(part: dict) -> bool:
+    # The chat template's test, plus OpenAI's `video_url` parts (rendered as videos by
+    # `_template_parts`).
+    return part.get("type") in ("video", "video_url") or "video" in part or "video_url" in part
+
+
+def _parts(messages: list[dict]):
+    for msg in messages:
+        content = msg["content"]
+        if not isinstance(content, str):
+            yield from content
 
 
 def extract_images(messages: list[dict]) -> list[Image.Image]:
     """The images of a conversation, in template order, as RGB PIL images."""
     images = []
+    for part in _parts(messages):
+        if _is_image_part(part):
+            ref = part.get("image") if part.get("image") is not None else part.get("image_url")
+            images.append(_load_image(ref).convert("RGB"))
+    return images
+
+
+def video_policy(processor, **caps) -> VideoPolicy:
+    """The checkpoint's per-frame bounds with the given caps (`VideoPolicy` fields)."""
+    bounds = getattr(processor, "video_frame_bounds", None)
+    if bounds is None:
+        bounds = frame_pixel_bounds(getattr(processor.image_processor, "size", None))
+    return VideoPolicy(min_frame_pixels=bounds[0], max_resized_frame_pixels=bounds[1], **caps)
+
+
+def extract_videos(messages: list[dict], processor, policy: VideoPolicy | None = None) -> list[VideoInputs]:
+    """The clips of a conversation, in template order, as the model's video inputs."""
+    refs = []
+    for part in _parts(messages):
+        if _is_video_part(part) and not _is_image_part(part):
+            ref = part.get("video") if part.get("video") is not None else part.get("video_url")
+            refs.append(ref)
+    if not refs:
+        return []
+    policy = (policy or video_policy(processor)).share(len(refs))
+    return [load_video(ref, policy, processor.image_processor) for ref in refs]
+
+
+def _template_parts(messages: list[dict]) -> list[dict]:
+    # The template knows `{"type": "video"}`; OpenAI clients send `video_url` parts.
+    out = []
     for msg in messages:
         content = msg["content"]
-        if isinstance(content, str):
-            continue
-        for part in content:
-            if part.get("type") == "video" or "video" in part:
-                raise ValueError("video inputs are not supported")
-            if _is_image_part(part):
-                ref = part.get("image") if part.get("image") is not None else part.get("image_url")
-                images.append(_load_image(ref).convert("RGB"))
-    return images
+        if not isinstance(content, str):
+            content = [{"type": "video"} if _is_video_part(p) and not _is_image_part(p) else p for p in content]
+        out.append({**msg, "content": content})
+    return out
 
 
 def render_chat(processor, messages: list[dict], *, add_generation_prompt: bool) -> str:
     tokenizer = getattr(processor, "tokenizer", processor)
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        _template_parts(messages), tokenize=False, add_generation_prompt=add_generation_prompt
     )
 
 
@@ -104,46 +153,62 @@ def _process_images(processor, images: list[Image.Image]) -> tuple[torch.Tensor 
 
 
 def _expand_image_pads(
-    processor, ids: list[int], grid_thw: torch.Tensor | None, *extra: list
+    processor, ids: list[int], grid_thw: torch.Tensor | None, *extra: list,
+    video_grid_thw: torch.Tensor | None = None,
 ) -> tuple[list[int], ...]:
-    """Repeat each image pad id t*h*w/merge^2 times; ``extra`` per-token lists are repeated alongside."""
+    """Repeat each image (video) pad id t*h*w/merge^2 times; ``extra`` per-token lists are
+    repeated alongside."""
     tokenizer = processor.tokenizer
-    pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-    n_pads = sum(1 for t in ids if t == pad_id)
-    n_images = 0 if grid_thw is None else len(grid_thw)
-    if n_pads != n_images:
-        raise ValueError(f"{n_pads} image placeholders in the text but {n_images} images")
-    if n_images == 0:
-        return (list(ids), *(list(e) for e in extra))
     merge = processor.image_processor.merge_size
-    counts = [int(g.prod()) // (merge * merge) for g in grid_thw]
+    counts: dict[int, list[int]] = {}
+    for token, grids, what in ((IMAGE_PAD, grid_thw, "image"), (VIDEO_PAD, video_grid_thw, "video")):
+        pad_id = tokenizer.convert_tokens_to_ids(token)
+        n_pads = sum(1 for t in ids if t == pad_id)
+        n_items = 0 if grids is None else len(grids)
+        if n_pads != n_items:
+            raise ValueError(f"{n_pads} {what} placeholders in the text but {n_items} {what}s")
+        if n_items:
+            counts[pad_id] = [int(g.prod()) // (merge * merge) for g in grids]
+    if not counts:
+        return (list(ids), *(list(e) for e in extra))
     out_ids: list[int] = []
     out_extra: list[list] = [[] for _ in extra]
-    k = 0
+    seen = dict.fromkeys(counts, 0)
     for i, t in enumerate(ids):
         reps = 1
-        if t == pad_id:
-            reps = counts[k]
-            k += 1
+        if t in counts:
+            reps = counts[t][seen[t]]
+            seen[t] += 1
         out_ids.extend([t] * reps)
         for dst, src in zip(out_extra, extra):
             dst.extend([src[i]] * reps)
     return (out_ids, *out_extra)
 
 
-def encode_chat(processor, messages: list[dict], *, add_generation_prompt: bool = True) -> EncodedChat:
-    """Token ids (image pads expanded), pixel values and grids for an OpenAI/HF-format chat."""
+def _stack_videos(videos: list[VideoInputs]):
+    if not videos:
+        return None, None, None
+    return (torch.cat([v.pixel_values_videos for v in videos]), torch.stack([v.video_grid_thw for v in videos]),
+            tuple(v.second_per_grid_t for v in videos))
+
+
+def encode_chat(processor, messages: list[dict], *, add_generation_prompt: bool = True,
+                video_policy: VideoPolicy | None = None) -> EncodedChat:
+    """Token ids (image and video pads expanded), pixel values and grids for an OpenAI/HF-format chat."""
     text = render_chat(processor, messages, add_generation_prompt=add_generation_prompt)
     pixel_values, grid_thw = _process_images(processor, extract_images(messages))
+    videos, video_grid, seconds = _stack_videos(extract_videos(messages, processor, video_policy))
     ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-    (ids,) = _expand_image_pads(processor, ids, grid_thw)
-    return EncodedChat(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid_thw)
+    (ids,) = _expand_image_pads(processor, ids, grid_thw, video_grid_thw=video_grid)
+    return EncodedChat(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid_thw,
+                       pixel_values_videos=videos, video_grid_thw=video_grid, second_per_grid_ts=seconds)
 
 
 def _text_of(content) -> str:
     if isinstance(content, str):
         return content
-    return "".join(part["text"] for part in content if not _is_image_part(part) and "text" in part)
+    return "".join(part["text"] for part in content
+                   if not _is_image_part(part) and not _is_video_part(part) and "text" in part)
 
 
 def encode_training_conversation(processor, messages: list[dict]) -> EncodedConversation:

@@ -73,6 +73,18 @@ def _parser() -> argparse.ArgumentParser:
                         help="pixels per decoded image, read from its header (0: no limit; default: %(default)s)")
     limits.add_argument("--max-request-pixels", type=int, default=ServingLimits.max_request_pixels,
                         help="pixels of all images of a request together (0: no limit; default: %(default)s)")
+    video = p.add_argument_group("video input (README: Video input)")
+    video.add_argument("--max-videos", type=int, default=ServingLimits.max_videos,
+                       help="video clips per request (0: no limit; default: %(default)s)")
+    video.add_argument("--video-fps", type=float, default=ServingLimits.video_fps,
+                       help="frames sampled per second of video (default: %(default)s, Qwen2.5-VL's)")
+    video.add_argument("--max-video-frames", type=int, default=ServingLimits.max_video_frames,
+                       help="frames kept per clip; a longer clip is sampled more sparsely (default: %(default)s)")
+    video.add_argument("--max-video-pixels", type=int, default=ServingLimits.max_video_pixels,
+                       help="pixels of all resized frames of a request (video tokens = this / 1568); over it "
+                            "frames are made smaller, then fewer (default: %(default)s = 8192 tokens)")
+    video.add_argument("--max-video-seconds", type=float, default=ServingLimits.max_video_seconds,
+                       help="longest clip accepted, read from its header (0: no limit; default: %(default)s)")
     limits.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                         help="read local media files (absolute paths or file:// URLs) inside DIR only "
                              "(default: no local files)")
@@ -242,9 +254,31 @@ def serving_limits(args: argparse.Namespace) -> ServingLimits:
                              max_image_pixels=args.max_image_pixels, max_request_pixels=args.max_request_pixels,
                              request_read_timeout_s=args.request_read_timeout,
                              allowed_local_media_path=args.allowed_local_media_path,
-                             allow_media_urls=args.allow_image_urls).checked()
+                             allow_media_urls=args.allow_image_urls, max_videos=args.max_videos,
+                             video_fps=args.video_fps, max_video_frames=args.max_video_frames,
+                             max_video_pixels=args.max_video_pixels,
+                             max_video_seconds=args.max_video_seconds).checked()
     except ValueError as e:
         raise SystemExit(f"fast-dvlm serve: {e}") from None
+
+
+def check_video_support(args: argparse.Namespace, limits: ServingLimits) -> None:
+    """Clips are decoded with PyAV (its wheels carry FFmpeg): missing, the server would answer
+    every clip with an error, so it does not start. The caps must fit the checkpoint's frame size."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        raise SystemExit("fast-dvlm serve: video decoding needs PyAV: pip install av "
+                         "(a dependency of fast-dvlm-sglang; reinstall the package)") from None
+    from fast_dvlm_sglang.tokenizer import video_frame_bounds
+
+    model_dir = Path(resolve_model(args.model))
+    if not model_dir.is_dir():
+        return  # a hub id: SGLang resolves it; the caps are checked per request against its bounds
+    try:
+        limits.video_policy(video_frame_bounds(model_dir))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"fast-dvlm serve: {e} (--max-video-pixels)") from None
 
 
 def algorithm_yaml(args: argparse.Namespace) -> str | None:
@@ -285,7 +319,9 @@ def serve_main(argv: list[str]) -> int:
         argv, extra = argv[:i], argv[i + 1:]
     args = _parser().parse_args(argv)
     algo_config, algo_yaml = None, algorithm_yaml(args)
-    limits_env = serving_limits(args).env()
+    limits = serving_limits(args)
+    check_video_support(args, limits)
+    limits_env = limits.env()
     with tempfile.TemporaryDirectory(prefix="fast-dvlm-serve-") as tmp:
         if algo_yaml is not None:
             algo_config = os.path.join(tmp, f"fast_dvlm_{args.algorithm}.yaml")

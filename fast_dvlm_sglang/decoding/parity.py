@@ -129,17 +129,14 @@ def causal_logits(model, prompt: Prompt, tokens: Sequence[int]) -> torch.Tensor:
     shortcut for AR's logits only within the noise, which `tests/test_parity.py` measures)."""
     tokens = [int(t) for t in tokens]
     device = model.device
-    ids = torch.tensor([prompt.input_ids], device=device)
-    pv = prompt.pixel_values.to(device) if prompt.pixel_values is not None else None
-    grid = prompt.image_grid_thw.to(device) if prompt.image_grid_thw is not None else None
-    positions = model.rope_positions(ids, grid)
+    prompt_embeds, positions = prompt.embed_and_positions(model)
+    n = prompt_embeds.shape[1]
     # generated tokens are text: positions continue on all three axes (as DecodeSession places them)
     after = torch.arange(len(tokens) - 1, device=device) + int(positions.max()) + 1
     positions = torch.cat([positions, after.view(1, 1, -1).expand(3, 1, -1)], dim=-1)
     new = torch.tensor([tokens[:-1]], dtype=torch.long, device=device)
-    embeds = torch.cat([model.embed(ids, pv, grid), model.model.language_model.embed_tokens(new)], dim=1)
+    embeds = torch.cat([prompt_embeds, model.model.language_model.embed_tokens(new)], dim=1)
     logits = model(embeds, positions, causal_mask(embeds.shape[1], device=device))[0]
-    n = ids.shape[1]
     return logits[n - 1 :].float()
 
 

@@ -13,11 +13,34 @@ from ..kv_cache import DenseKVCache, KVCache
 
 @dataclass(frozen=True)
 class Prompt:
-    """A tokenized prompt; images already expanded to their pad tokens."""
+    """A tokenized prompt; images and videos already expanded to their pad tokens."""
 
     input_ids: list[int]
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    second_per_grid_ts: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_encoded(cls, enc) -> Prompt:
+        """From `processing.encode_chat`'s output."""
+        return cls(enc.input_ids, enc.pixel_values, enc.image_grid_thw, enc.pixel_values_videos,
+                   enc.video_grid_thw, enc.second_per_grid_ts)
+
+    def embed_and_positions(self, model) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's embeddings [1, T, H] (vision features in place) and M-RoPE positions [3, 1, T]."""
+        device = model.device
+
+        def on(x):
+            return x.to(device) if x is not None else None
+
+        ids = torch.tensor([self.input_ids], device=device)
+        embeds = model.embed(ids, on(self.pixel_values), on(self.image_grid_thw), on(self.pixel_values_videos),
+                             on(self.video_grid_thw))
+        positions = model.rope_positions(ids, on(self.image_grid_thw), on(self.video_grid_thw),
+                                         self.second_per_grid_ts)
+        return embeds, positions
 
 
 class DecodeSession:
@@ -32,13 +55,10 @@ class DecodeSession:
     def prefill(self) -> torch.Tensor:
         """Causal forward of the prompt into the cache; returns the last position's logits [V]."""
         device = self.model.device
-        ids = torch.tensor([self.prompt.input_ids], device=device)
-        pv = self.prompt.pixel_values.to(device) if self.prompt.pixel_values is not None else None
-        grid = self.prompt.image_grid_thw.to(device) if self.prompt.image_grid_thw is not None else None
-        embeds = self.model.embed(ids, pv, grid)
-        positions = self.model.rope_positions(ids, grid)
-        self._position_offset = int(positions.max()) + 1 - ids.shape[1]
-        mask = causal_mask(ids.shape[1], self.cache.length, device=device)
+        embeds, positions = self.prompt.embed_and_positions(self.model)
+        n = embeds.shape[1]
+        self._position_offset = int(positions.max()) + 1 - n
+        mask = causal_mask(n, self.cache.length, device=device)
         return self.model(embeds, positions, mask, self.cache, write_cache=True)[0, -1]
 
     @torch.inference_mode()

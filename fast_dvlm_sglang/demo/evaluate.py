@@ -116,7 +116,7 @@ def run_eval(
     seconds = 0.0
     for sample in tqdm(samples, desc=f"eval {algorithm}", disable=not progress, mininterval=2):
         enc = encode_chat(processor, sample.prompt_messages)
-        prompt = Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw)
+        prompt = Prompt.from_encoded(enc)
         start = time.perf_counter()  # decoding only: data generation is not the model's time
         with torch.inference_mode():
             result = generate(model, prompt, config, tokenizer=processor.tokenizer)

@@ -108,3 +108,16 @@ def record_vision_images(n: int) -> None:
     prometheus_client's multiprocess directory only with --enable-metrics)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _vision_images().inc(n)
+
+
+@cache
+def _vision_videos():
+    from prometheus_client import Counter
+
+    return Counter("fast_dvlm:vision_encoder_videos", "Video clips encoded by the vision tower")
+
+
+def record_vision_videos(n: int) -> None:
+    """As `record_vision_images`, for clips."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _vision_videos().inc(n)

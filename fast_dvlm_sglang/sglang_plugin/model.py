@@ -266,6 +266,26 @@ class Fast_dVLMForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):  # 
         metrics.record_vision_images(sum(int(item.image_grid_thw.shape[0]) for item in items))
         return super().get_image_feature(items)
 
+    def get_video_feature(self, items):
+        """Video features as Qwen2.5-VL computes them: each temporal patch its own full-attention
+        span. SGLang 0.5.23's Qwen2.5-VL vision tower takes a clip's whole t*h*w as one span
+        (`Qwen2_5_VisionTransformer.forward`, its `cu_seqlens`; its Qwen2-VL tower and
+        transformers' take h*w per temporal patch), so frames would attend across time; the same
+        grid as t rows of (1, h, w) gives the original spans, rotary positions and windows."""
+        from sglang.srt.multimodal.mm_utils import run_dp_sharded_mrope_vision_model
+
+        from . import metrics
+
+        pixel_values = torch.cat([item.feature for item in items], dim=0).type(self.visual.dtype)
+        grid = torch.cat([item.video_grid_thw for item in items], dim=0)
+        per_patch = torch.repeat_interleave(grid, grid[:, 0], dim=0)
+        per_patch[:, 0] = 1
+        metrics.record_vision_videos(int(grid.shape[0]))
+        if self.use_data_parallel:
+            return run_dp_sharded_mrope_vision_model(self.visual, pixel_values, per_patch.tolist(),
+                                                     rope_type="rope_3d")
+        return self.visual(pixel_values, grid_thw=per_patch)
+
     def _forward_block_embeds(self, input_ids, forward_batch, input_embeds):
         """A dLLM block from its token embeddings (`prepare_block_embeds`): the graph-captured
         path, where the embeddings come from SGLang's static buffer."""

@@ -230,6 +230,9 @@ def generate_request_error(tokenizer_manager, obj) -> str | None:
         if modality == "image" and limits.max_images and len(items) > limits.max_images:
             return (f"The request has {len(items)} images; this server accepts at most {limits.max_images} "
                     "per request (--max-images).")
+        if modality == "video" and limits.max_videos and len(items) > limits.max_videos:
+            return (f"The request has {len(items)} videos; this server accepts at most {limits.max_videos} "
+                    "per request (--max-videos).")
         for item in items:
             error = check_media_item(item, modality, limits)
             if error:

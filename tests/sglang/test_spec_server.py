@@ -88,7 +88,7 @@ class Reference:
         from fast_dvlm_sglang.processing import encode_chat
 
         enc = encode_chat(self.proc, messages)
-        return ref_generate(self.model, Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw),
+        return ref_generate(self.model, Prompt.from_encoded(enc),
                             GenerationConfig(algorithm=algorithm, max_new_tokens=max_new_tokens,
                                              sampling=SamplingParams(**sampling), draft_policy=draft_policy,
                                              eos_token_ids=eos_token_ids))

@@ -26,15 +26,16 @@ _NOISE: dict[str, object] = {}
 
 class ReferenceTieCheck:
     def __init__(self, model, processor, checkpoint, calibration: list[list[dict]] | None = None,
-                 sglang_args: list[str] | None = None):
+                 sglang_args: list[str] | None = None, video_policy=None):
         self.model, self.proc, self.checkpoint = model, processor, str(checkpoint)
+        self.video_policy = video_policy  # the server's video caps (`processing.video_policy`)
         self.calibration = calibration or [[{"role": "user", "content": t}] for t in CALIBRATION]
         self.sglang_args = sglang_args or []
         self.ties: list = []
 
     def prompt(self, messages) -> Prompt:
-        enc = encode_chat(self.proc, messages)
-        return Prompt(enc.input_ids, enc.pixel_values, enc.image_grid_thw)
+        enc = encode_chat(self.proc, messages, video_policy=self.video_policy)
+        return Prompt.from_encoded(enc)
 
     @property
     def noise(self):
