@@ -198,11 +198,36 @@ def test_limits_reach_every_sglang_process_as_environment(tmp_path, capsys):
     (["--allowed-local-media-path", "/no/such/dir"], "not a directory"),
     (["--max-request-bytes", "-1"], "max_request_bytes must be >= 0"),
     (["--request-read-timeout", "0"], "request_read_timeout_s must be > 0"),
+    (["--video-fps", "0"], "video fps must be > 0"),
+    (["--max-video-frames", "1"], "max video frames must be >= 2"),
+    (["--max-videos", "-1"], "max_videos must be >= 0"),
+    (["--max-video-pixels", "100000"], "--max-video-pixels"),  # under 2 frames of 2 x 100 k
 ])
 def test_limit_misuse_is_a_one_line_error(tmp_path, argv, message):
     with pytest.raises(SystemExit) as e:
         serve.serve_main(["--model", str(tmp_path), "--device", "cpu", "--dry-run", *argv])
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_video_caps_reach_sglang_as_environment(tmp_path, capsys):
+    from fast_dvlm_sglang.sglang_plugin.limits import ServingLimits
+
+    assert serve.serve_main(["--model", "demo", "--device", "cpu", "--dry-run", "--video-fps", "1.5",
+                             "--max-video-frames", "16", "--max-video-pixels", "1000000", "--max-video-seconds", "9",
+                             "--max-videos", "2"]) == 0
+    words = capsys.readouterr().out.split()
+    limits = ServingLimits.from_env(dict(w.split("=", 1) for w in words if w.startswith("FAST_DVLM_")))
+    assert limits == ServingLimits(video_fps=1.5, max_video_frames=16, max_video_pixels=1000000,
+                                   max_video_seconds=9.0, max_videos=2)
+
+
+def test_serve_refuses_to_start_without_pyav(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
+    with pytest.raises(SystemExit) as e:
+        serve.serve_main(["--model", str(tmp_path), "--device", "cpu", "--dry-run"])
+    assert "PyAV" in str(e.value) and "pip install av" in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("device,extra,interpret", [

@@ -254,3 +254,23 @@ def test_video_prompts_spec_equals_ar_and_positions_continue(demo):
         spec = generate(model, prompt, GenerationConfig("spec", max_new_tokens=40, eos_token_ids=()))
         tie_aware.check(prompt, ar.token_ids, spec.token_ids, f"video prompt {i}")
     assert sorted(set(grids)) == [1, 2, 8]  # 2 s at 1 fps (2 frames), 2 s at 4 fps (4), 8 s at 2 fps (16)
+
+
+def test_vision_tower_splits_a_clip_into_temporal_patches(demo):
+    """The reference's vision tower is transformers' Qwen2.5-VL tower; on it a clip's grid (t, h, w)
+    and the same grid as t rows of (1, h, w) give the same features: each temporal patch is its
+    own attention span, with the same windows and rotary positions. The server's model class feeds
+    SGLang's tower the split grid (`sglang_plugin/model.get_video_feature`) for that reason."""
+    from fast_dvlm_sglang.processing import encode_chat
+
+    model, processor = demo
+    clip = encode_clip(moving_square_frames(16, height=96, width=128, seed=5), fps=4)
+    enc = encode_chat(processor, [{"role": "user", "content": [{"type": "video", "video": clip}]}])
+    grid = enc.video_grid_thw
+    assert int(grid[0, 0]) == 4
+    split = torch.repeat_interleave(grid, grid[:, 0], dim=0)
+    split[:, 0] = 1
+    with torch.no_grad():
+        whole = model.model.visual(enc.pixel_values_videos, grid_thw=grid).pooler_output
+        parts = model.model.visual(enc.pixel_values_videos, grid_thw=split).pooler_output
+    assert torch.equal(whole, parts)

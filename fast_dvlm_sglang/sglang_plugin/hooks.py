@@ -27,7 +27,8 @@ HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
      "fast_dvlm_sglang.sglang_plugin.dllm_config:from_server_args_hook", "AROUND"),
     # Our architecture is multimodal (SGLang's list is a module constant; env var otherwise).
     ("sglang.srt.configs.model_config.is_multimodal_model", f"{_ME}:is_multimodal_model", "AROUND"),
-    # Processor mapping: Qwen2.5-VL's image processor for our architecture.
+    # Processor mapping: Qwen2.5-VL's processor for our architecture, with our video path
+    # (`processor.py`, `video_input.py`: PyAV clips under the caps, the clip's real frame rate).
     ("sglang.srt.managers.multimodal_processor.import_processors", f"{_ME}:after_import_processors", "AFTER"),
     # The scheduler step. FastDVLMBlock: around SGLang's own step, the next block's state on the
     # request after a context pass, NFE per token, a block whose first token ends the answer
