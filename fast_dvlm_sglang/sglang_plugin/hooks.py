@@ -81,6 +81,10 @@ HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
     # error bodies without tracebacks, `/generate` stream refusals as a 4xx before any byte.
     ("sglang.srt.entrypoints.http_server._setup_and_run_http_server", f"{_HG}:setup_and_run_http_server", "AROUND"),
     ("sglang.srt.entrypoints.http_server.serve_generate_request", f"{_HG}:serve_generate_request", "AROUND"),
+    # (and SGLang's post-warmup GC freeze waits for its own port: with --skip-server-warmup it
+    # raced uvicorn's start and failed at every CPU start)
+    ("sglang.srt.entrypoints.http_server._freeze_gc_after_server_warmup",
+     f"{_HG}:freeze_gc_after_server_warmup", "AROUND"),
     # One validation layer for chat, completions and /generate (`request_checks.py`).
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request", f"{_RC}:generate_request", "AROUND"),
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",

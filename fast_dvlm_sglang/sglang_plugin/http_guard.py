@@ -232,3 +232,22 @@ async def serve_generate_request(original, obj, request):
 
     response.body_iterator = replay_first()
     return response
+
+
+def freeze_gc_after_server_warmup(original, server_args, *args, **kwargs):
+    """SGLang posts `/freeze_gc` to its own port once warmup is done; with `--skip-server-warmup`
+    (our CPU default) that is at once, before uvicorn listens, and every start logged a
+    connection-refused traceback with the GC left unfrozen. Wait (up to 60 s) for the port first."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    url = urlparse(server_args.url())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((url.hostname, url.port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.2)
+    return original(server_args, *args, **kwargs)

@@ -245,3 +245,36 @@ def test_mdm_block_ends_once_its_filled_prefix_decides_the_answer(seed):
     for i in range(B):  # the whole-block run ends with what the early row had committed, unchanged
         committed = snapshot[i] != MASK
         assert torch.equal(fb.input_ids.view(B, L)[i][committed], snapshot[i][committed])
+
+
+def test_post_warmup_gc_freeze_waits_for_the_server_port():
+    """`http_guard.freeze_gc_after_server_warmup`: SGLang's `/freeze_gc` call (made at once under
+    --skip-server-warmup, before uvicorn listens) goes out only once the port accepts."""
+    import socket
+    import threading
+    import time
+
+    from fast_dvlm_sglang.sglang_plugin.http_guard import freeze_gc_after_server_warmup
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    port = sock.getsockname()[1]
+    opened = {}
+
+    def listen_later():
+        time.sleep(0.5)
+        opened["at"] = time.monotonic()
+        sock.listen()
+
+    thread = threading.Thread(target=listen_later)
+    thread.start()
+
+    class Args:
+        def url(self):
+            return f"http://127.0.0.1:{port}"
+
+    called = {}
+    freeze_gc_after_server_warmup(lambda args: called.setdefault("at", time.monotonic()), Args())
+    thread.join()
+    sock.close()
+    assert called["at"] >= opened["at"]
