@@ -2,9 +2,10 @@
 
 Text is rendered with the tokenizer's (Qwen2.5-VL) chat template and tokenized once, unexpanded;
 then each ``<|image_pad|>`` and ``<|video_pad|>`` is expanded to ``t*h*w / merge_size**2`` copies,
-exactly as ``Qwen2_5_VLProcessor`` does. Clips go through `video.py` (PyAV frames, Qwen2.5-VL's
-sampling and resizing, the video processor's patching) under a `VideoPolicy`. Expanding ids rather than text keeps the character offsets of the
-rendered template valid, which ``encode_training_conversation`` uses to find the assistant spans.
+exactly as ``Qwen2_5_VLProcessor`` does. Expanding ids rather than text keeps the character
+offsets of the rendered template valid, which ``encode_training_conversation`` uses to find the
+assistant spans. Clips go through `video.py` (PyAV frames, Qwen2.5-VL's sampling and resizing,
+the video processor's patching) under a `VideoPolicy`.
 
 Only ``processor.tokenizer`` and ``processor.image_processor`` (a Qwen2-VL image processor) are
 used, so any processor-like object with those two attributes works; an optional
