@@ -36,8 +36,11 @@ from fast_dvlm_sglang.config import resolve_model_dir
 from fast_dvlm_sglang.server_process import ServeProcess
 
 RESULTS = Path(__file__).parent / "results"
-CONFIGS = {"ar": ("ar", []), "spec": ("spec", []), "spec_k31": ("spec", ["--draft-length", "31"]),
-           "spec_k0": ("spec", ["--draft-length", "0"])}
+# name: (algorithm, `fast-dvlm serve` flags, extra SGLang flags)
+CONFIGS = {"ar": ("ar", [], []), "spec": ("spec", [], []), "spec_k31": ("spec", ["--draft-length", "31"], []),
+           "spec_k0": ("spec", ["--draft-length", "0"], []),
+           # SGLang's AR decode without its overlap scheduler (which every dLLM server runs without)
+           "ar_no_overlap": ("ar", [], ["--disable-overlap-schedule"])}
 DEFAULT_CONFIGS = ("ar", "spec", "spec_k31")
 
 
@@ -67,11 +70,11 @@ def _metrics(server) -> dict[str, float]:
     return out
 
 
-def _draft_lengths(before: dict, after: dict) -> dict[str, float]:
+def _draft_lengths(before: dict, after: dict, series: str = "fast_dvlm:spec_draft_length") -> dict[str, float]:
     """Rounds per draft length bucket (the histogram's cumulative buckets, differenced)."""
     cum = {}
     for name, value in after.items():
-        if name.startswith("fast_dvlm:spec_draft_length_bucket"):
+        if name.startswith(series + "_bucket"):
             le = name.split('le="', 1)[1].split('"', 1)[0]
             cum[le] = value - before.get(name, 0.0)
     keys = sorted((k for k in cum if k != "+Inf"), key=float)
@@ -89,7 +92,9 @@ def _spec_row(server, before: dict) -> dict:
     tokens = after.get("fast_dvlm:spec_tokens_total", 0) - before.get("fast_dvlm:spec_tokens_total", 0)
     forwards = after.get("fast_dvlm:spec_forwards_total", 0) - before.get("fast_dvlm:spec_forwards_total", 0)
     return {"tokens_per_forward_after_prefill": tokens / forwards if forwards else None,
-            "rounds_per_draft_length": _draft_lengths(before, after)}
+            "rounds_per_draft_length": _draft_lengths(before, after),
+            # rounds that drafted nothing, by the AR steps they ran (1: a single step, more: an AR run)
+            "rounds_per_ar_run_length": _draft_lengths(before, after, "fast_dvlm:spec_ar_run_length")}
 
 
 def _median_row(runs: list[dict]) -> dict:
@@ -107,7 +112,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="demo")
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(DEFAULT_CONFIGS),
-                    help="spec_k0: AR steps through the dLLM path (its overhead against SGLang's AR decode)")
+                    help="spec_k0: single AR steps through the dLLM path (its overhead against SGLang's AR "
+                         "decode); ar_no_overlap: SGLang's AR without its overlap scheduler")
     ap.add_argument("--concurrency", type=_ints, default=[1, 4, 16])
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds per concurrency")
     ap.add_argument("--timeout", type=int, default=1800)
@@ -122,7 +128,7 @@ def main() -> None:
               "repeats": args.repeats, "results": {}, "paired_ratio_to_ar": {}, "pooled_ratio_to_ar": {}}
     log_dir = Path(tempfile.mkdtemp(prefix="bench_adaptive_spec_"))
     servers = {name: ServeProcess(model_dir, CONFIGS[name][0], log_dir / f"{name}.log", serve_args=CONFIGS[name][1],
-                                  sglang_args=["--enable-metrics"]) for name in args.configs}
+                                  sglang_args=["--enable-metrics", *CONFIGS[name][2]]) for name in args.configs}
     try:
         for server in servers.values():
             server.wait_ready()

@@ -328,3 +328,24 @@ def test_invalid_settings_are_rejected():
         SamplingParams(min_new_tokens=-1)
     with pytest.raises(ValueError, match="repetition_penalty"):
         SamplingParams(repetition_penalty=0)
+
+
+def test_greedy_spec_in_ar_runs_equals_ar(model, tie_aware):
+    """AR runs (`DraftPolicy.ar_run`: r causal passes over [seed, MASK x (r - 1)], each pass's
+    choices shifted into the next pass's inputs) are AR steps: with a cost model whose per-round
+    bookkeeping dwarfs a forward and no draft width to choose from, greedy spec equals greedy
+    AR, plain and with logit adjustments, at one forward per token, in rounds of 8 tokens (the
+    last one what the budget leaves), every run accepted whole."""
+    from fast_dvlm_sglang.decoding.draft_policy import DraftPolicy, ForwardCost
+
+    policy = DraftPolicy(block_size=32, cost=ForwardCost(base=0.001, per_token=1e-6, per_round=0.1), widths=(1,))
+    penalised = SamplingParams(frequency_penalty=0.7, presence_penalty=0.4, logit_bias=((7, 2.5),))
+    for i, prompt in enumerate(random_prompts(9, seed=31)):
+        for params in (SamplingParams(), penalised):
+            ar = generate(model, prompt, GenerationConfig("ar", max_new_tokens=37, sampling=params, eos_token_ids=()))
+            spec = generate(model, prompt, GenerationConfig("spec", max_new_tokens=37, sampling=params,
+                                                            draft_policy=policy, eos_token_ids=()))
+            if not tie_aware.check(prompt, ar.token_ids, spec.token_ids, f"AR runs, prompt {i}"):
+                continue
+            assert spec.accepted_lengths == [7, 7, 7, 7, 3], spec.accepted_lengths  # 36 tokens after the seed
+            assert spec.nfe == 36

@@ -204,3 +204,79 @@ def test_seeded_sampling_rows_choose_as_if_alone():
         for i in range(n):
             if alone[i]:
                 assert got[i] == policy.choose([est[i]], [ctx[i]], [budgets[i]])[0]
+
+
+def _run_value(cost, r, contexts, budgets, eligible):
+    """Tokens per second of a round of AR steps in which each eligible row runs min(r, budget)."""
+    widths = [min(r, max(1, b)) if e else 1 for e, b in zip(eligible, budgets)]
+    tokens = sum(widths)
+    pairs = sum(w * (c + w) for w, c in zip(widths, contexts))
+    return tokens / (cost.per_round + max(widths) * cost.seconds(tokens, len(widths), pairs))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.builds(ForwardCost, base=st.floats(1e-4, 0.05), per_token=st.floats(0.0, 2e-3),
+                 per_row=st.floats(0.0, 2e-3), per_pair=st.floats(0.0, 1e-6), per_round=st.floats(0.0, 0.02)),
+       st.integers(1, 24), st.integers(0, 2**31 - 1))
+def test_ar_run_is_the_best_run_length_and_beats_single_steps_by_the_margin(cost, n, seed):
+    """`ar_run` returns the run length in {1, 2, 4, 8} with the most tokens per second (a round
+    of r causal passes over each eligible row's min(r, budget) slots, the engine's per-round
+    bookkeeping paid once), and a run only where it beats single steps by the margin."""
+    rng = random.Random(seed)
+    policy = DraftPolicy(block_size=32, cost=cost)
+    contexts = [rng.randint(0, 4000) for _ in range(n)]
+    budgets = [rng.choice([1, 2, 3, 8, 50]) for _ in range(n)]
+    eligible = [rng.random() < 0.8 for _ in range(n)]
+    got = policy.ar_run(contexts, budgets, eligible)
+    values = {r: _run_value(cost, r, contexts, budgets, eligible) for r in (1, 2, 4, 8)}
+    assert got in values
+    if got == 1:
+        assert all(v <= values[1] * (1 + policy.margin) * (1 + 1e-9) for v in values.values())
+    else:
+        assert values[got] > values[1] * (1 + policy.margin)
+        assert values[got] >= max(values.values()) * (1 - 1e-9)
+
+
+def test_ar_runs_where_the_bookkeeping_dominates_and_not_where_tokens_cost():
+    """On the CPU defaults one request on a short context runs 8 steps a round; with no
+    per-round cost, no eligible row, a pinned width or `max_ar_run: 1` it never runs more than
+    one; a token cost far above the bookkeeping keeps single steps at large batches."""
+    cpu = DEFAULT_COSTS["cpu"]
+    assert DraftPolicy(block_size=32, cost=cpu).ar_run([300], [100], [True]) == 8
+    assert DraftPolicy(block_size=32, cost=cpu).ar_run([300], [3], [True]) == 4  # budget 3: runs of 3 fit
+    assert DraftPolicy(block_size=32, cost=cpu, max_ar_run=4).ar_run([300], [100], [True]) == 4
+    assert DraftPolicy(block_size=4, cost=cpu).max_ar_run == 4  # a run fits one block
+    free = ForwardCost(base=0.01, per_token=1e-5)  # per_round 0
+    assert DraftPolicy(block_size=32, cost=free).ar_run([300], [100], [True]) == 1
+    assert DraftPolicy(block_size=32, cost=cpu).ar_run([300], [100], [False]) == 1
+    assert DraftPolicy(block_size=32, cost=cpu, fixed_width=1).ar_run([300], [100], [True]) == 1
+    assert DraftPolicy(block_size=32, cost=cpu, max_ar_run=1).ar_run([300], [100], [True]) == 1
+    dear = ForwardCost(base=0.005, per_token=2e-3, per_round=0.001)
+    assert DraftPolicy(block_size=32, cost=dear).ar_run([300] * 16, [100] * 16, [True] * 16) == 1
+    with pytest.raises(ValueError, match="max_ar_run"):
+        DraftPolicy(block_size=32, cost=cpu, max_ar_run=0)
+
+
+def test_ar_steps_of_a_run_count_toward_the_next_probe():
+    """An AR run of r tokens is r AR steps for the probe interval (a run drafts nothing)."""
+    policy = DraftPolicy(block_size=32, cost=DEFAULT_COSTS["cpu"])
+    est = policy.update(AcceptanceEstimate(), 7, 0)
+    after = policy.update(est, 0, 7, steps=8)
+    assert (after.successes, after.trials, after.ar_streak) == (est.successes, est.trials, 8)
+
+
+def test_a_table_without_per_round_takes_the_device_default(tmp_path):
+    """`bench_forward_cost.py`'s fit times forwards only: a table without `per_round` gets the
+    serving device's default (so `--forward-cost` with that bench's output keeps AR runs); an
+    explicit value, 0 included, is kept."""
+    from fast_dvlm_sglang.sglang_plugin.draft_length import policy_from_config
+
+    table = tmp_path / "cost.json"
+    table.write_text(json.dumps({"fit": {"base": 0.01, "per_token": 1e-5, "unit": "seconds per forward"}}))
+    assert ForwardCost.load(table).per_round == 0.0
+    assert ForwardCost.load(table, default_per_round=0.003).per_round == 0.003
+    assert ForwardCost.load({"base": 0.01, "per_token": 1e-5, "per_round": 0.0}, default_per_round=0.003).per_round == 0
+    got = policy_from_config({"forward_cost": str(table)}, 32, "cpu").cost
+    assert (got.base, got.per_round) == (0.01, DEFAULT_COSTS["cpu"].per_round)
+    with pytest.raises(ValueError, match="per_round"):
+        ForwardCost(base=0.01, per_token=1e-5, per_round=-1.0)

@@ -19,9 +19,22 @@ costs a draft forward the batch would not have run, so it runs only once half th
 that bounds the probes' share of the time on unpredictable text to a few percent.
 
 Cost model (`ForwardCost`): seconds of one forward over T tokens in total, R rows and A attended
-(query, key) pairs (sum over rows of width x context): base + per_row R + per_token T + per_pair A.
-A round costs one forward if no row drafts (all width 1) and two (draft + verify) otherwise, the
-rows of width 1 riding along in both.
+(query, key) pairs (sum over rows of width x context): base + per_row R + per_token T + per_pair A,
+plus `per_round`, the serving engine's bookkeeping between two rounds (SGLang's dLLM scheduler
+builds a new extend batch for every round, with no overlap: ~2 ms on the 2-core CPU, where an AR
+step's forward of the demo model is ~6 ms). A round costs one forward if no row drafts (all
+width 1) and two (draft + verify) otherwise, the rows of width 1 riding along in both.
+
+AR runs (`ar_run`): when the batch would run AR steps, a round may instead run r of them for
+each greedy, unconstrained request, to pay `per_round` once per r tokens. The request's block
+holds [seed, MASK x (r - 1)] and goes through r causal passes: each pass's token choices, shifted
+by one, become the next pass's inputs (Jacobi iteration), so after pass j the first j + 1 inputs
+are the AR continuation, and the r-th pass is the round's ordinary verify over inputs that are
+all the AR continuation: it accepts all r - 1 (equal in exact arithmetic; where two passes part
+in the last bits the verify accepts fewer, still AR's tokens). r forwards, r tokens: an AR run is
+AR steps (tokens/NFE 1), and it counts as AR steps for the acceptance estimate. It pays where
+`per_round` is large next to a forward (one request, a few) and loses where the extra tokens of
+r-token passes cost more than the bookkeeping saved (many requests): the cost model decides.
 
 `choose_widths` picks one width per request from `widths` (the block sizes Fast-dVLM was trained
 with, capped by each request's budget and the block size) to maximise the batch's expected
@@ -51,10 +64,11 @@ class ForwardCost:
     per_token: float
     per_row: float = 0.0
     per_pair: float = 0.0
+    per_round: float = 0.0  # the engine's bookkeeping between rounds, once per round (not per forward)
     source: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("base", "per_token", "per_row", "per_pair"):
+        for name in ("base", "per_token", "per_row", "per_pair", "per_round"):
             value = getattr(self, name)
             if not value >= 0.0:
                 raise ValueError(f"forward cost {name} must be >= 0, got {value}")
@@ -65,9 +79,11 @@ class ForwardCost:
         return self.base + self.per_row * rows + self.per_token * tokens + self.per_pair * pairs
 
     @classmethod
-    def load(cls, spec) -> ForwardCost:
-        """From a mapping ({base, per_token, per_row?, per_pair?}) or a JSON file holding one
-        (at top level or under "fit", as `benchmarks/bench_forward_cost.py` writes it)."""
+    def load(cls, spec, default_per_round: float = 0.0) -> ForwardCost:
+        """From a mapping ({base, per_token, per_row?, per_pair?, per_round?}) or a JSON file
+        holding one (at top level or under "fit", as `benchmarks/bench_forward_cost.py` writes
+        it). `per_round` is not in that bench's fit (its sweep times forwards): absent, it is
+        `default_per_round`."""
         source = ""
         if isinstance(spec, (str, Path)):
             source = str(spec)
@@ -86,6 +102,7 @@ class ForwardCost:
             values = {k: float(spec[k]) for k in fields if k in spec}
         except (TypeError, ValueError):
             raise ValueError("forward_cost values must be numbers") from None
+        values.setdefault("per_round", default_per_round)
         return cls(**values, source=source or str(spec.get("source", "inline")))
 
 
@@ -98,9 +115,10 @@ class ForwardCost:
 #   token count: a 32-token block costs about one AR step at batch 1, the paper's premise), with
 #   compute per token of a 3B model on a Hopper GPU. Measure and pass `forward_cost` on a GPU.
 DEFAULT_COSTS = {
-    "cpu": ForwardCost(base=0.0144, per_token=5.39e-5, per_row=0.000721, per_pair=4.19e-8,
-                       source="default cpu (benchmarks/results/forward_cost_cpu_demo.json)"),
-    "cuda": ForwardCost(base=0.0060, per_token=0.000015, per_row=0.00002, per_pair=2.0e-9,
+    "cpu": ForwardCost(base=0.0144, per_token=5.39e-5, per_row=0.000721, per_pair=4.19e-8, per_round=0.004,
+                       source="default cpu (benchmarks/results/forward_cost_cpu_demo.json; per_round: "
+                              "benchmarks/results/adaptive_spec_cpu_demo.json, README 'AR runs')"),
+    "cuda": ForwardCost(base=0.0060, per_token=0.000015, per_row=0.00002, per_pair=2.0e-9, per_round=0.001,
                         source="default cuda (memory-bound assumption, not measured)"),
 }
 
@@ -116,10 +134,11 @@ class AcceptanceEstimate:
     def p(self, prior_p: float, prior_weight: float) -> float:
         return (self.successes + prior_p * prior_weight) / (self.trials + prior_weight)
 
-    def update(self, drafted: int, accepted: int, decay: float) -> AcceptanceEstimate:
-        """After a round that drafted `drafted` tokens and accepted `accepted` of them."""
+    def update(self, drafted: int, accepted: int, decay: float, steps: int = 1) -> AcceptanceEstimate:
+        """After a round that drafted `drafted` tokens and accepted `accepted` of them (a round
+        that drafted nothing ran `steps` AR steps)."""
         if drafted <= 0:
-            return dataclasses.replace(self, ar_streak=self.ar_streak + 1)
+            return dataclasses.replace(self, ar_streak=self.ar_streak + steps)
         trials = accepted + (accepted < drafted)
         return AcceptanceEstimate(self.successes * decay + accepted, self.trials * decay + trials, 0)
 
@@ -145,6 +164,8 @@ class DraftPolicy:
     # measured with noise, and at break-even a draft buys nothing, so marginal drafting is left
     # to AR steps (README "Draft length").
     margin: float = 0.1
+    # Longest AR run (AR steps per round for one request, see the module docstring); 1: none.
+    max_ar_run: int = 8
 
     def __post_init__(self) -> None:
         if self.fixed_width is not None and not 1 <= self.fixed_width <= self.block_size:
@@ -157,14 +178,45 @@ class DraftPolicy:
             raise ValueError(f"draft_margin must be in [0, 10], got {self.margin}")
         if self.probe_interval < 1:
             raise ValueError(f"probe_interval must be >= 1, got {self.probe_interval}")
+        if self.max_ar_run < 1:
+            raise ValueError(f"max_ar_run must be >= 1, got {self.max_ar_run}")
+        object.__setattr__(self, "max_ar_run", min(self.max_ar_run, self.block_size))  # a run fits one block
         widths = tuple(sorted({w for w in self.widths if 1 <= w <= self.block_size} | {1}))
         object.__setattr__(self, "widths", widths)
 
     def acceptance(self, estimate: AcceptanceEstimate) -> float:
         return estimate.p(self.prior_p, self.prior_weight)
 
-    def update(self, estimate: AcceptanceEstimate, drafted: int, accepted: int) -> AcceptanceEstimate:
-        return estimate.update(drafted, accepted, self.decay)
+    def update(self, estimate: AcceptanceEstimate, drafted: int, accepted: int, steps: int = 1) -> AcceptanceEstimate:
+        """After a round that drafted `drafted` tokens and accepted `accepted` (`steps`: the AR
+        steps of a round that drafted nothing: 1, or an AR run's length)."""
+        return estimate.update(drafted, accepted, self.decay, steps)
+
+    def ar_run(self, contexts: list[int], budgets: list[int], eligible: list[bool]) -> int:
+        """How many AR steps a round of AR steps runs for each `eligible` request (greedy,
+        unconstrained, not pinned; the rest take one): 1, or the run length in 2, 4, 8, ..
+        `max_ar_run` that maximises the batch's tokens per second, if that beats single steps by
+        the policy's margin. Each eligible request's run is capped by its budget."""
+        if self.fixed_width is not None or self.max_ar_run < 2 or not any(eligible):
+            return 1
+        n = len(contexts)
+        caps = [max(1, b) for b in budgets]
+
+        def value(r: int) -> float:
+            widths = [min(r, c) if e else 1 for e, c in zip(eligible, caps)]
+            tokens = sum(widths)
+            pairs = float(sum(w * (c + w) for w, c in zip(widths, contexts)))
+            return tokens / (self.cost.per_round + max(widths) * self.cost.seconds(tokens, n, pairs))
+
+        single = value(1)
+        best_r, best = 1, single * (1.0 + self.margin)
+        r = 2
+        while r <= self.max_ar_run:
+            v = value(r)
+            if v > best:
+                best_r, best = r, v
+            r *= 2
+        return best_r
 
     def choose(self, estimates: list[AcceptanceEstimate], contexts: list[int], budgets: list[int],
                pinned: list[int | None] | None = None, alone: list[bool] | None = None) -> list[int]:
@@ -205,7 +257,7 @@ def round_seconds(cost: ForwardCost, widths: list[int], contexts: list[int]) -> 
     tokens = sum(widths)
     pairs = sum(w * (c + w) for w, c in zip(widths, contexts))
     forwards = 2 if any(w > 1 for w in widths) else 1
-    return forwards * cost.seconds(tokens, len(widths), pairs)
+    return forwards * cost.seconds(tokens, len(widths), pairs)  # the forwards only (no per_round)
 
 
 def choose_widths(p: list[float], contexts: list[int], allowed: list[list[int]], cost: ForwardCost,
@@ -232,6 +284,8 @@ def choose_widths(p: list[float], contexts: list[int], allowed: list[list[int]],
     total_e = sum(gain[i][w] for i, w in enumerate(chosen))
     tokens = sum(chosen)
     pairs = float(sum(w * (c + w) for w, c in zip(chosen, contexts)))
+    # per_round is left out here: the alternative to drafting is AR runs, which pay it once per
+    # several tokens (`DraftPolicy.ar_run`), so both sides are compared per forward.
     best = total_e / ((2 if tokens > n else 1) * seconds(tokens, pairs))
     order = sorted(range(n), key=lambda i: p[i])  # the least promising rows shrink first
     for _ in range(2):

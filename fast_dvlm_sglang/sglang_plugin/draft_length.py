@@ -17,18 +17,23 @@ Configuration (`--dllm-algorithm-config` YAML, validated at startup by `policy_f
 - `draft_length: N` pins every round to N draft tokens (width N + 1; 0 = AR steps only);
   without it the adaptive policy runs (a request can pin its own: `/generate` sampling params
   `custom_params: {draft_length: N}`);
-- `forward_cost`: the cost model, a mapping {base, per_token, per_row, per_pair} (seconds) or
-  the path of a JSON table written by `benchmarks/bench_forward_cost.py`; default: the table of
-  the serving device type (`draft_policy.DEFAULT_COSTS`);
+- `forward_cost`: the cost model, a mapping {base, per_token, per_row, per_pair, per_round}
+  (seconds) or the path of a JSON table written by `benchmarks/bench_forward_cost.py`; default:
+  the table of the serving device type (`draft_policy.DEFAULT_COSTS`), whose `per_round` also
+  fills a table that has none;
 - `draft_widths`: the widths the adaptive policy picks from (default 4, 8, 16, 32, the training
   recipe's block sizes, plus 1);
 - `prior_acceptance`, `probe_interval`: the acceptance prior of a new request and how many AR
   steps in a row before a request is probed again;
 - `draft_margin`: how much faster a drafting round must be expected to be than a round of AR
-  steps (0.1: 10%) before the batch drafts.
+  steps (0.1: 10%) before the batch drafts;
+- `max_ar_run`: the most AR steps one round runs for a greedy request when the batch runs AR
+  steps (`DraftPolicy.ar_run`: r causal passes over r slots, paying the scheduler's per-round
+  bookkeeping once per r tokens; default 8, 1 turns AR runs off).
 With `cuda_graph: true` every row keeps the full block (SGLang's dLLM decode graphs are captured
 for `block_size` slots per request): the policy then only decides, per round, whether the batch
-drafts at all (a round of AR steps skips the draft pass).
+drafts at all (a round of AR steps skips the draft pass), and runs no AR runs (each of their
+passes would replay a whole-block graph).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import math
 from fast_dvlm_sglang.decoding.draft_policy import DEFAULT_COSTS, DraftPolicy, ForwardCost
 
 POLICY_KEYS = frozenset({"draft_length", "forward_cost", "draft_widths", "prior_acceptance", "probe_interval",
-                         "draft_margin"})
+                         "draft_margin", "max_ar_run"})
 _POLICIES: dict[str, DraftPolicy] = {}  # configuration only (frozen), keyed by its inputs
 
 
@@ -51,7 +56,9 @@ def policy_from_config(algorithm_config: dict, block_size: int, device: str) -> 
         return policy
     cfg = algorithm_config or {}
     device_type = "cuda" if str(device).startswith("cuda") else "cpu"
-    cost = ForwardCost.load(cfg["forward_cost"]) if cfg.get("forward_cost") is not None else DEFAULT_COSTS[device_type]
+    default = DEFAULT_COSTS[device_type]
+    cost = (ForwardCost.load(cfg["forward_cost"], default_per_round=default.per_round)
+            if cfg.get("forward_cost") is not None else default)
     kwargs = {}
     draft_length = cfg.get("draft_length")
     if draft_length is not None:
@@ -66,7 +73,7 @@ def policy_from_config(algorithm_config: dict, block_size: int, device: str) -> 
             raise ValueError(f"draft_widths must be a list of integers in [1, {block_size}], got {widths!r}")
         kwargs["widths"] = tuple(widths)
     for key, field, kind in (("prior_acceptance", "prior_p", float), ("probe_interval", "probe_interval", int),
-                             ("draft_margin", "margin", float)):
+                             ("draft_margin", "margin", float), ("max_ar_run", "max_ar_run", int)):
         value = cfg.get(key)
         if value is None:
             continue
@@ -116,15 +123,23 @@ def choose_round_widths(scheduler, reqs) -> list[int]:
     widths = policy.choose([s.acceptance for s in states], [r.seqlen - 1 for r in rows], [s.budget for s in states],
                            [s.draft_length for s in states],
                            [not s.greedy and s.sampling_seed is not None for s in states])
+    runs = [False] * len(rows)
     if graph_mode(cfg.algorithm_config):
         # One captured canvas width: draft (every row a full block) or not at all (AR steps).
         drafting = any(w > 1 for w in widths)
         widths = [min(cfg.block_size, s.budget) if drafting else 1 for s in states]
         slots = [cfg.block_size] * len(rows)
     else:
+        if all(w == 1 for w in widths):  # a round of AR steps: AR runs where they pay
+            eligible = [s.greedy and s.draft_length is None and s.grammar is None and r.grammar is None
+                        for r, s in zip(rows, states)]
+            run = policy.ar_run([r.seqlen - 1 for r in rows], [s.budget for s in states], eligible)
+            if run > 1:
+                widths = [min(run, s.budget) if e else 1 for s, e in zip(states, eligible)]
+                runs = [w > 1 for w in widths]
         slots = widths
-    for req, state, width, n in zip(rows, states, widths, slots):
-        req.dllm_algo_state = dataclasses.replace(state, width=width)
+    for req, state, width, n, ar_run in zip(rows, states, widths, slots, runs):
+        req.dllm_algo_state = dataclasses.replace(state, width=width, ar_run=ar_run)
         set_block_width(req, n)
     return widths
 

@@ -14,7 +14,9 @@ here are merged into the server's `/metrics` next to SGLang's:
   summed);
 - `fast_dvlm:spec_round_tokens`: histogram of the tokens a round emits (1 .. block_size + 1);
 - `fast_dvlm:spec_draft_length`: histogram of the draft length k a round ran with, per request
-  (0: an AR step; `draft_length.py` chooses it);
+  (0: an AR step, or an AR run; `draft_length.py` chooses it);
+- `fast_dvlm:spec_ar_run_length`: histogram of the AR steps a round ran for a request that drafted
+  nothing (1: a single AR step; more: an AR run, `decoding/draft_policy.py`);
 - `fast_dvlm:mdm_forwards_total`: `FastDVLMBlock` forwards per request after the prompt's prefill
   (each denoising forward, each re-encoding of a completed block; the per-request
   `meta_info["dllm_nfe"]` summed): tokens/NFE = completion tokens / mdm_forwards_total;
@@ -48,6 +50,8 @@ def _series(block_size: int):
                   buckets=[float(b) for b in range(1, block_size + 2)]),
         Histogram(PREFIX + "draft_length", "Draft tokens per round and request (0: an AR step)",
                   buckets=[float(b) for b in range(0, block_size)]),
+        Histogram(PREFIX + "ar_run_length", "AR steps per round and request, in rounds that drafted nothing",
+                  buckets=[float(b) for b in range(1, block_size + 1)]),
     )
 
 
@@ -57,9 +61,10 @@ def enabled(scheduler) -> bool:
 
 
 def record(block_size: int, *, rounds: int, accepted_drafts: int, tokens: int, forwards: int,
-           draft_length: int = 0) -> None:
-    """One request's progress in one scheduler step (a round, or a context pass that ended it)."""
-    rounds_c, drafts_c, tokens_c, forwards_c, per_round, draft_lengths = _series(block_size)
+           draft_length: int = 0, ar_steps: int = 0) -> None:
+    """One request's progress in one scheduler step (a round, or a context pass that ended it);
+    `ar_steps`: the AR steps of a round that drafted nothing (0: it drafted)."""
+    rounds_c, drafts_c, tokens_c, forwards_c, per_round, draft_lengths, ar_runs = _series(block_size)
     rounds_c.inc(rounds)
     drafts_c.inc(accepted_drafts)
     tokens_c.inc(tokens)
@@ -67,6 +72,8 @@ def record(block_size: int, *, rounds: int, accepted_drafts: int, tokens: int, f
     if rounds:
         per_round.observe(tokens)
         draft_lengths.observe(draft_length)
+        if ar_steps:
+            ar_runs.observe(ar_steps)
 
 
 @cache

@@ -47,11 +47,13 @@ Metrics (SGLang's per-token `req.customized_info` channel; native /generate retu
   emitted: 0 for the first token (the context pass's), r for the accepted drafts and the next
   seed of round r;
 - `meta_info["dllm_nfe"]`: per output token, the request's forward passes so far after its
-  prompt's prefill (2 per round, 1 for an AR step (a round without drafts), + 1 per re-encoding
-  context pass after a retraction), the reference decoder's `GenerationResult.nfe`;
-  tokens/NFE = completion_tokens / dllm_nfe[-1];
+  prompt's prefill (2 per round, 1 for an AR step (a round without drafts), r for an AR run of
+  r steps, + 1 per re-encoding context pass after a retraction), the reference decoder's
+  `GenerationResult.nfe`; tokens/NFE = completion_tokens / dllm_nfe[-1];
 - `meta_info["dllm_draft_length"]`: per output token, the draft length of the round that emitted
-  it (0 for the first token and for AR steps; `draft_length.py` chooses it).
+  it (0 for the first token, AR steps and AR runs; `draft_length.py` chooses it);
+- `meta_info["dllm_ar_steps"]`: per output token, the AR steps of the round that emitted it (0
+  for the first token and for drafting rounds, 1 for an AR step, r for an AR run of r steps).
 SGLang's own speculative meta_info fields (`spec_accept_length`, ...) are only filled when
 SGLang's `--speculative-algorithm` is set, so they stay absent. With `--enable-metrics`, the
 server-wide counters are in `/metrics` (`metrics.py`: rounds, accepted drafts, tokens, forwards).
@@ -71,6 +73,7 @@ logger = logging.getLogger(__name__)
 METRIC_ROUND = "dllm_spec_round"
 METRIC_NFE = metrics.METRIC_NFE
 METRIC_DRAFT_LENGTH = "dllm_draft_length"
+METRIC_AR_STEPS = "dllm_ar_steps"
 
 
 def register_algorithm() -> None:
@@ -139,18 +142,20 @@ def apply_round(req, tokens: list[int], state: SpecState, req_to_token_pool, all
     req.extend_end = keep
     req.dllm_block_offset = keep
 
-    drafted = (state.width or slots) - 1
-    _record_metrics(req, state, n, drafted)
+    # An AR run's inputs after the seed are its own AR steps, not drafts: it drafted nothing.
+    drafted = 0 if state.ar_run else (state.width or slots) - 1
+    _record_metrics(req, state, n, drafted, 0 if drafted else state.width or slots)
     record_logprobs(req, state.logprob_rows[:n])
 
     req.update_finish_state(new_accepted_len=n)
     req.spec_verify_ct += 1
-    req.spec_num_correct_drafts += accepted_drafts_emitted(req, n)
+    req.spec_num_correct_drafts += accepted_drafts_emitted(req, n) if drafted else 0
     if req.finished():
         req.dllm_algo_state = None
     else:
-        acceptance = state.acceptance if policy is None else policy.update(state.acceptance, drafted, n - 1)
-        req.dllm_algo_state = state.committed(req.output_ids, budget=budget(req), acceptance=acceptance)
+        acceptance = state.acceptance if policy is None else policy.update(state.acceptance, drafted, n - 1, steps=n)
+        req.dllm_algo_state = state.committed(req.output_ids, budget=budget(req), acceptance=acceptance,
+                                              ar_run=False)
     return freed
 
 
@@ -167,12 +172,13 @@ def accepted_drafts_emitted(req, n: int) -> int:
     return min(n - 1, emitted_this_round(req, n))
 
 
-def _record_metrics(req, state: SpecState, n: int, drafted: int) -> None:
+def _record_metrics(req, state: SpecState, n: int, drafted: int, ar_steps: int) -> None:
     if req.customized_info is None:
         req.customized_info = {}
     req.customized_info.setdefault(METRIC_ROUND, []).extend([state.rounds] * n)
     req.customized_info.setdefault(METRIC_NFE, []).extend([state.nfe] * n)
     req.customized_info.setdefault(METRIC_DRAFT_LENGTH, []).extend([drafted] * n)
+    req.customized_info.setdefault(METRIC_AR_STEPS, []).extend([ar_steps] * n)
 
 
 def record_logprobs(req, rows) -> None:
@@ -206,7 +212,7 @@ def adopt_context_state(req, state) -> bool:
     req.full_untruncated_fill_ids.append(state.seed)
     if structured_output.usable(req.grammar):
         structured_output.commit(req.grammar, 0, 0, state.seed)
-    _record_metrics(req, state, 1, 0)
+    _record_metrics(req, state, 1, 0, 0)
     record_logprobs(req, state.logprob_rows[:1])
     req.update_finish_state(new_accepted_len=1)
     req.dllm_algo_state = None if req.finished() else state.committed(req.output_ids, budget=budget(req))
@@ -256,8 +262,10 @@ def process_batch_result_dllm(original, scheduler, batch, result):
             apply_round(req, list(tokens), state, scheduler.req_to_token_pool, allocator, block_size, policy)
             emitted = emitted_this_round(req, len(tokens))
             if record:
-                metrics.record(block_size, rounds=1, accepted_drafts=min(len(tokens) - 1, emitted),
-                               tokens=emitted, forwards=state.nfe - nfe, draft_length=state.width - 1)
+                drafted = 0 if state.ar_run else state.width - 1
+                metrics.record(block_size, rounds=1, accepted_drafts=min(len(tokens) - 1, emitted) if drafted else 0,
+                               tokens=emitted, forwards=state.nfe - nfe, draft_length=drafted,
+                               ar_steps=0 if drafted else state.width)
             generated += emitted
             scheduler._finish_dllm_request_if_needed(req)
         reporter.num_generated_tokens += generated

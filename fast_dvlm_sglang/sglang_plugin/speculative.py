@@ -131,6 +131,9 @@ class SpecState:
     # The next round's width (verify tokens: the seed + its drafts), chosen by the scheduler
     # (`draft_length.py`); 0: not chosen (a full block, capped by the budget).
     width: int = 0
+    # The round runs its width as AR steps (an AR run: `width` causal passes, `draft_policy.py`),
+    # not as a draft and its verify.
+    ar_run: bool = False
     draft_length: int | None = None  # this request's own pin (`custom_params`), None: the server's policy
     acceptance: AcceptanceEstimate = AcceptanceEstimate()  # of this request's drafts so far
     rounds: int = 0  # draft/verify rounds run so far
@@ -452,7 +455,24 @@ class FastDVLMSpeculative(DllmAlgorithm):
             # Skipped when no row drafts (a batch of AR steps: each needs its seed's successor only).
             ids.fill_(self.mask_id)
             ids.index_copy_(0, first, seeds.to(ids.dtype))
-            if max(lengths) > 1:
+            ar_run = any(s.ar_run for s in states)
+            if ar_run:
+                # An AR run: passes 1 .. w-1 are causal; each pass's choices at positions j-1
+                # (shifted by one) become the inputs at j, so after pass j the first j + 1 inputs
+                # are the AR continuation and the verify pass below, over inputs that are all
+                # AR's, accepts them all (rows of width 1 ride along).
+                with causal_pass():
+                    for _ in range(max(lengths) - 1):
+                        prepare_block_embeds(model_runner, forward_batch)
+                        out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
+                        forward_batch.mark_forward_metadata_ready(replan_equivalent=True)
+                        pass_logits = out.logits_output.full_logits
+                        shifted = pass_logits.argmax(dim=-1)
+                        for state, start, n in zip(states, starts, lengths):
+                            if state.adjusts_logits and n > 1:
+                                shifted[start:start + n] = adjusted_rows(pass_logits, state, start, n, ids).argmax(dim=-1)
+                        ids[1:] = torch.where(is_start[1:], ids[1:], shifted.to(ids.dtype)[:-1])
+            elif max(lengths) > 1:
                 prepare_block_embeds(model_runner, forward_batch)
                 out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
                 # The verify pass attends over the same slots and context: the attention metadata
@@ -499,9 +519,11 @@ class FastDVLMSpeculative(DllmAlgorithm):
         for state, row, length, m, lp in zip(states, packed, lengths, walked, logprobs):
             k = int(row[0])
             commits.append(row[2:2 + k] + row[1:2])  # d_1..d_k, the next seed
-            # NFE as the reference counts it: the forwards this row needed (no draft at length 1).
+            # NFE as the reference counts it: the forwards this row needed (no draft at length 1;
+            # an AR run: one per step).
+            nfe = length if state.ar_run else 1 + (length > 1)
             states_out.append(dataclasses.replace(state, seed=int(row[1]), rounds=state.rounds + 1, width=length,
-                                                  nfe=state.nfe + 1 + (length > 1), grammar_walked=m,
+                                                  nfe=state.nfe + nfe, grammar_walked=m,
                                                   logprob_rows=lp[:k + 1]))
         return out.logits_output, commits, [len(c) for c in commits], states_out, out.can_run_graph
 

@@ -1139,3 +1139,63 @@ def test_graph_mode_keeps_whole_blocks_and_only_skips_drafts(sgl):
     assert rounds and all(set(c[4]) == {h.block_size} for c in rounds)  # one captured canvas width
     verify_only = [c for i, c in enumerate(rounds) if c[1] and (i == 0 or rounds[i - 1][1])]
     assert verify_only, "drafts that never land: the batch falls back to AR rounds without a draft pass"
+    # no AR runs under graphs: an AR step commits one token (each run pass would replay a whole block)
+    for req in reqs:
+        rounds_of = req.customized_info["dllm_spec_round"]
+        assert all(rounds_of.count(r) == 1 for r, d in _rounds_of(req) if d == 0)
+
+
+# A cost model where the scheduler's per-round bookkeeping dwarfs a forward: the policy runs AR
+# steps in runs (`DraftPolicy.ar_run`) once the drafts have failed their probe.
+AR_RUN_CONFIG = {"forward_cost": {"base": 0.001, "per_token": 1e-6, "per_round": 0.1}, "prior_acceptance": 0.0}
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_ar_runs_are_ar_steps_in_fewer_rounds(sgl, page_size):
+    """Drafts that never land and a dear per-round cost: after its probe every greedy request
+    runs AR runs of up to a block (8 causal passes, no draft pass, in one round) next to a
+    request pinned to AR steps (width 1, riding along) and one whose logit bias changes its
+    answer. Outputs are the AR truth (with the bias: AR with it), an EOS inside a run ends the
+    answer there, each run commits all its tokens (min(8, budget)) at one forward per token, the
+    pool stays exact after every round (`check_invariants`) and drains to its initial size."""
+    h = Harness(page_size, algorithm_config=AR_RUN_CONFIG, wrong_every=10_000, hard_from=0)
+    prompt = [3, 1, 4, 1, 5]
+    free = oracle(prompt, 40, set())
+    eos = free[13]
+    assert eos not in free[:13]
+    bias = {str(free[5]): -25.0, "7": 3.0}
+    reqs = [h.add(prompt, max_new_tokens=40), h.add(list(range(1, 12)), max_new_tokens=23),
+            h.add(prompt, max_new_tokens=40, eos={eos}), h.add(prompt, max_new_tokens=30, logit_bias=bias),
+            h.add(list(range(2, 9)), max_new_tokens=17, custom_params={"draft_length": 0})]
+    h.run()
+    assert _ids(reqs[0]) == free
+    assert _ids(reqs[1]) == oracle(list(range(1, 12)), 23, set())
+    assert _ids(reqs[2]) == free[:14]
+    assert _ids(reqs[3]) == adjusted_oracle(prompt, 30, set(), logit_bias=((free[5], -25.0), (7, 3.0)))
+    assert _ids(reqs[3]) != free[:30]
+    assert _ids(reqs[4]) == oracle(list(range(2, 9)), 17, set())
+    runs = 0
+    for req in reqs:
+        info = req.customized_info
+        rounds = _rounds_of(req)
+        budget = req.sampling_params.max_new_tokens - 1  # after the context pass's seed
+        drafting = 0
+        for r, drafted in rounds:
+            n = info["dllm_spec_round"].count(r)
+            if drafted:
+                drafting += 1
+            elif req is not reqs[4]:
+                assert n == min(h.block_size, budget) or r == rounds[-1][0], (req.rid, r, n, budget)
+                runs += n > 1
+            else:
+                assert n == 1  # pinned to AR steps
+            budget -= n
+        # one forward per token after the seed, plus the draft pass of each drafting round
+        assert info["dllm_nfe"][-1] == len(req.output_ids) - 1 + drafting, req.rid
+    assert runs >= 8
+    # a run: consecutive causal passes with no draft pass between them, rows of several widths
+    dllm = [c for c in h.runner.calls if c[0]]
+    assert any(all(c[1] for c in dllm[i:i + h.block_size]) and max(dllm[i][4]) == h.block_size and
+               min(dllm[i][4]) == 1 for i in range(len(dllm)))
+    h.check_drained() if h.radix else None
+    assert h.alloc.available_size() == h.initial_free

@@ -110,18 +110,20 @@ def _free_kv(server) -> float:
 def _check_metrics(meta: dict, n_tokens: int, block_size: int = 32) -> tuple[int, int]:
     """The per-token round / NFE / draft-length channels are consistent; returns (tokens, NFE)."""
     rounds, nfe, drafted = meta["dllm_spec_round"], meta["dllm_nfe"], meta["dllm_draft_length"]
-    assert len(rounds) == len(nfe) == len(drafted) == n_tokens == meta["completion_tokens"]
+    steps = meta["dllm_ar_steps"]
+    assert len(rounds) == len(nfe) == len(drafted) == len(steps) == n_tokens == meta["completion_tokens"]
     assert rounds == sorted(rounds) and rounds[0] == 0  # the first token: the context pass's, streamed at once
-    assert nfe[0] == 0 and drafted[0] == 0
-    # a round is two forwards (draft + verify), one for an AR step (draft length 0); it commits
-    # at most its draft length + 1 tokens
+    assert nfe[0] == 0 and drafted[0] == 0 and steps[0] == 0
+    # a round is two forwards (draft + verify) and commits at most its draft length + 1 tokens, or
+    # it drafts nothing and runs s AR steps (1, or an AR run) in s forwards, committing at most s
     last = (0, 0)
-    for r, f, k in zip(rounds, nfe, drafted):
+    for r, f, k, s in zip(rounds, nfe, drafted, steps):
         if r != last[0]:
-            assert r == last[0] + 1 and f == last[1] + 1 + (k > 0) and 0 <= k < block_size
+            assert r == last[0] + 1 and 0 <= k < block_size and (k > 0) == (s == 0) and 0 <= s <= block_size
+            assert f == last[1] + (2 if k > 0 else s)
             last = (r, f)
-            assert rounds.count(r) <= k + 1
-        assert (f, k) == (last[1], drafted[rounds.index(r)])
+            assert rounds.count(r) <= (k + 1 if k > 0 else s)
+        assert (f, k, s) == (last[1], drafted[rounds.index(r)], steps[rounds.index(r)])
     return n_tokens, nfe[-1]
 
 
@@ -188,6 +190,30 @@ def test_native_stream_reports_nfe(spec_server_tiny, tiny_ref):
     last = chunks[-1]
     tiny_ref.tie_check.check(msgs, tiny_ref.ar(msgs, n), last["output_ids"], "native stream prompt")
     _check_metrics(last["meta_info"], len(last["output_ids"]))
+
+
+def test_ar_runs_where_drafts_miss_one_request_at_a_time(spec_server_tiny, tiny_ref):
+    """The random tiny model drafts badly: one request at a time the default policy falls back to
+    AR runs (rounds of several AR steps, `meta_info["dllm_ar_steps"]` > 1, one forward per token),
+    and the answers are AR's (up to a near tie); a stop token inside a run ends the answer there."""
+    runs = 0
+    for i, (msgs, url, _) in enumerate(_tiny_prompts()[:4]):
+        want = tiny_ref.ar(msgs, 48)
+        body = generate(spec_server_tiny, tiny_ref.text(msgs), image=url, max_new_tokens=48)
+        if not tiny_ref.tie_check.check(msgs, want, body["output_ids"], f"AR runs, prompt {i}"):
+            continue
+        _check_metrics(body["meta_info"], len(body["output_ids"]))
+        steps, rounds = body["meta_info"]["dllm_ar_steps"], body["meta_info"]["dllm_spec_round"]
+        in_runs = [j for j in range(1, len(steps)) if steps[j] > 1 and rounds[j] == rounds[j - 1]]
+        runs += bool(in_runs)
+        fresh = [j for j in in_runs if want[j] not in want[:j]]
+        if fresh:  # a token committed inside a run (not its first), seen for the first time: stop there
+            j = fresh[0]
+            stopped = generate(spec_server_tiny, tiny_ref.text(msgs), image=url, max_new_tokens=48,
+                               stop_token_ids=[want[j]])
+            assert stopped["output_ids"] == want[:j + 1]
+            assert stopped["meta_info"]["finish_reason"]["type"] == "stop"
+    assert runs >= 3, runs
 
 
 def test_stop_token_inside_accepted_run(spec_server_tiny, tiny_ref):
@@ -278,7 +304,8 @@ def test_prometheus_counters_add_up_to_the_responses(spec_server_tiny, tiny_ref)
     """`/metrics` (--enable-metrics) counts what the responses report: tokens, forwards (NFE),
     rounds and accepted drafts; the per-round histogram has one sample per round."""
     names = ["fast_dvlm:spec_tokens_total", "fast_dvlm:spec_forwards_total", "fast_dvlm:spec_rounds_total",
-             "fast_dvlm:spec_accepted_drafts_total", "fast_dvlm:spec_round_tokens_count"]
+             "fast_dvlm:spec_accepted_drafts_total", "fast_dvlm:spec_round_tokens_count",
+             "fast_dvlm:spec_ar_run_length_sum", "fast_dvlm:spec_ar_run_length_count"]
 
     def read():
         return [prometheus_value(spec_server_tiny, n) for n in names]
@@ -292,8 +319,11 @@ def test_prometheus_counters_add_up_to_the_responses(spec_server_tiny, tiny_ref)
         rounds += meta["dllm_spec_round"][-1]
     delta = [a - b for a, b in zip(read(), before)]
     assert delta[:3] == [tokens, nfe, rounds]
-    # each emitted token is a round's seed, an accepted draft or a request's final token
-    assert tokens - rounds - 6 <= delta[3] <= 31 * rounds and delta[4] == rounds
+    # each emitted token is a round's seed, an accepted draft, a step of an AR run after its
+    # first or a request's final token; every round drafted or ran AR steps
+    ar_run_steps = delta[5] - delta[6]
+    assert tokens - rounds - 6 - ar_run_steps <= delta[3] <= 31 * rounds and delta[4] == rounds
+    assert delta[6] <= rounds
     assert prometheus_value(spec_server_tiny, "fast_dvlm:spec_draft_length_count") >= rounds
 
 
