@@ -280,3 +280,27 @@ def test_a_table_without_per_round_takes_the_device_default(tmp_path):
     assert (got.base, got.per_round) == (0.01, DEFAULT_COSTS["cpu"].per_round)
     with pytest.raises(ValueError, match="per_round"):
         ForwardCost(base=0.01, per_token=1e-5, per_round=-1.0)
+
+
+def test_the_workload_prior_seeds_new_requests_and_probes_every_few():
+    """`seed`: no estimate until the server's holds `workload_min_trials`; a seeded request starts
+    at the server's acceptance with the weight of one trial; on text where every probe fails,
+    about one new request in four is probed (each seeding ages the server's estimate)."""
+    policy = DraftPolicy(block_size=32, cost=DEFAULT_COSTS["cpu"])
+    empty = AcceptanceEstimate()
+    assert policy.seed(empty) == (None, empty)
+    good = policy.workload_update(policy.workload_update(empty, 7, 7), 15, 15)
+    est, aged = policy.seed(good)
+    assert est.trials == 1.0 and est.successes == pytest.approx(1.0)
+    assert aged.trials == pytest.approx(good.trials * policy.seed_decay)
+    assert policy.workload_update(good, 0, 0) == good  # AR steps tell nothing about drafts
+    # every probe fails: new requests arrive one by one
+    server, probed = empty, 0
+    for _ in range(40):
+        est, server = policy.seed(server)
+        if est is None:  # probed: a width-8 round that accepts nothing
+            probed += 1
+            server = policy.workload_update(server, 7, 0)
+        else:
+            assert policy.acceptance(est) < 0.3  # the request starts on AR steps, not a probe
+    assert 8 <= probed <= 14, probed

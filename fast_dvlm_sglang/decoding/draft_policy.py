@@ -18,6 +18,16 @@ costs a draft forward the batch would not have run, so it runs only once half th
 (at batch 1: at once), every due request in that one draft pass; at the default interval of 64
 that bounds the probes' share of the time on unpredictable text to a few percent.
 
+Workload prior (`DraftPolicy.seed`, scheduler side): probing every new request costs, at a few
+requests in flight, a draft forward of the whole batch per new request, all of it lost where
+nothing is guessable. So the server keeps one more estimate of the same kind over the drafting
+rounds of all its requests (`workload_update`, aged by `workload_decay` per round), and a new
+request starts from it, with the weight of one trial, instead of being probed, once it holds at
+least `workload_min_trials` trials. Each request it seeds ages it by `seed_decay`, so after a few
+seeded requests the next new one is probed again and refreshes it (on text no draft guesses:
+about one new request in four is probed). A seeded sampling request never takes it: its widths
+must not depend on other traffic.
+
 Cost model (`ForwardCost`): seconds of one forward over T tokens in total, R rows and A attended
 (query, key) pairs (sum over rows of width x context): base + per_row R + per_token T + per_pair A,
 plus `per_round`, the serving engine's bookkeeping between two rounds (SGLang's dLLM scheduler
@@ -166,6 +176,11 @@ class DraftPolicy:
     margin: float = 0.1
     # Longest AR run (AR steps per round for one request, see the module docstring); 1: none.
     max_ar_run: int = 8
+    # The workload prior (module docstring): evidence it needs before it seeds a new request, its
+    # ageing per drafting round, and per request it seeds.
+    workload_min_trials: float = 1.0
+    workload_decay: float = 0.9
+    seed_decay: float = 0.8
 
     def __post_init__(self) -> None:
         if self.fixed_width is not None and not 1 <= self.fixed_width <= self.block_size:
@@ -191,6 +206,19 @@ class DraftPolicy:
         """After a round that drafted `drafted` tokens and accepted `accepted` (`steps`: the AR
         steps of a round that drafted nothing: 1, or an AR run's length)."""
         return estimate.update(drafted, accepted, self.decay, steps)
+
+    def workload_update(self, workload: AcceptanceEstimate, drafted: int, accepted: int) -> AcceptanceEstimate:
+        """The server's estimate after one request's round (rounds that drafted nothing: unchanged)."""
+        return workload.update(drafted, accepted, self.workload_decay) if drafted > 0 else workload
+
+    def seed(self, workload: AcceptanceEstimate) -> tuple[AcceptanceEstimate | None, AcceptanceEstimate]:
+        """A new request's starting estimate from the server's (None: too little evidence, the
+        request is probed) and the server's estimate after seeding it."""
+        if workload.trials < self.workload_min_trials:
+            return None, workload
+        p = workload.successes / workload.trials
+        return (AcceptanceEstimate(successes=p, trials=1.0),
+                AcceptanceEstimate(workload.successes * self.seed_decay, workload.trials * self.seed_decay))
 
     def ar_run(self, contexts: list[int], budgets: list[int], eligible: list[bool]) -> int:
         """How many AR steps a round of AR steps runs for each `eligible` request (greedy,

@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 
-from fast_dvlm_sglang.decoding.draft_policy import DEFAULT_COSTS, DraftPolicy, ForwardCost
+from fast_dvlm_sglang.decoding.draft_policy import DEFAULT_COSTS, AcceptanceEstimate, DraftPolicy, ForwardCost
 
 POLICY_KEYS = frozenset({"draft_length", "forward_cost", "draft_widths", "prior_acceptance", "probe_interval",
                          "draft_margin", "max_ar_run"})
@@ -103,6 +104,39 @@ def set_block_width(req, width: int) -> None:
     fill.extend([0] * (width - 1))
 
 
+# The server's acceptance estimate over all its requests' drafting rounds (`DraftPolicy.seed`):
+# server state, kept per scheduler (one per process and rank; every rank sees the same rounds).
+_WORKLOAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def workload(scheduler) -> AcceptanceEstimate:
+    return _WORKLOAD.get(scheduler, AcceptanceEstimate())
+
+
+def record_workload(scheduler, policy: DraftPolicy, drafted: int, accepted: int) -> None:
+    """One request's round into the server's estimate (after the round's commit)."""
+    if drafted > 0:
+        _WORKLOAD[scheduler] = policy.workload_update(workload(scheduler), drafted, accepted)
+
+
+def _seed_new_requests(scheduler, policy: DraftPolicy, states: list) -> list:
+    """New requests (no round yet, no evidence, no pin) start from the server's estimate where it
+    has enough (else they stay due for a probe); seeded sampling requests never do."""
+    import dataclasses
+
+    current = workload(scheduler)
+    out = []
+    for s in states:
+        if (s.rounds == 0 and s.acceptance.trials == 0 and s.draft_length is None and policy.fixed_width is None
+                and (s.greedy or s.sampling_seed is None)):
+            estimate, current = policy.seed(current)
+            if estimate is not None:
+                s = dataclasses.replace(s, acceptance=estimate)
+        out.append(s)
+    _WORKLOAD[scheduler] = current
+    return out
+
+
 def _round_candidates(reqs) -> list:
     from .speculative import SpecState
 
@@ -119,7 +153,7 @@ def choose_round_widths(scheduler, reqs) -> list[int]:
         return []
     cfg = scheduler.dllm_config
     policy = scheduler_policy(scheduler)
-    states = [r.dllm_algo_state for r in rows]
+    states = _seed_new_requests(scheduler, policy, [r.dllm_algo_state for r in rows])
     widths = policy.choose([s.acceptance for s in states], [r.seqlen - 1 for r in rows], [s.budget for s in states],
                            [s.draft_length for s in states],
                            [not s.greedy and s.sampling_seed is not None for s in states])

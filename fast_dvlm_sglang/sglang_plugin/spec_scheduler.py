@@ -65,7 +65,7 @@ import dataclasses
 import logging
 
 from . import metrics, structured_output
-from .draft_length import scheduler_policy
+from .draft_length import record_workload, scheduler_policy
 from .speculative import ALGORITHM_NAME, SpecState
 
 logger = logging.getLogger(__name__)
@@ -260,6 +260,8 @@ def process_batch_result_dllm(original, scheduler, batch, result):
                 continue  # released elsewhere while the round ran
             nfe = req.dllm_algo_state.nfe
             apply_round(req, list(tokens), state, scheduler.req_to_token_pool, allocator, block_size, policy)
+            if not state.ar_run:
+                record_workload(scheduler, policy, state.width - 1, len(tokens) - 1)
             emitted = emitted_this_round(req, len(tokens))
             if record:
                 drafted = 0 if state.ar_run else state.width - 1

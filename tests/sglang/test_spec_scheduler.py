@@ -239,7 +239,7 @@ class Harness:
         from sglang.srt.managers.schedule_batch import Req
         from sglang.srt.sampling.sampling_params import SamplingParams
 
-        sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop=stop, **sampling)
+        sp = SamplingParams(max_new_tokens=max_new_tokens, stop=stop, **{"temperature": 0, **sampling})
         sp.normalize(tokenizer)
         req = Req(rid or f"r{len(self.reqs) + len(self.done)}", "", array("q", prompt), sp,
                   dllm_config=self.dllm_config, eos_token_ids=set(eos), vocab_size=V)
@@ -1198,4 +1198,27 @@ def test_ar_runs_are_ar_steps_in_fewer_rounds(sgl, page_size):
     assert any(all(c[1] for c in dllm[i:i + h.block_size]) and max(dllm[i][4]) == h.block_size and
                min(dllm[i][4]) == 1 for i in range(len(dllm)))
     h.check_drained() if h.radix else None
+    assert h.alloc.available_size() == h.initial_free
+
+
+def test_new_requests_start_from_the_servers_acceptance(sgl):
+    """The workload prior (`DraftPolicy.seed`): once a request's probe has failed on this server,
+    the next new greedy request starts on AR steps instead of a probe of its own; a seeded
+    sampling request is still probed (its widths must not depend on other traffic); outputs
+    stay the AR truth."""
+    from fast_dvlm_sglang.sglang_plugin.draft_length import workload
+
+    h = Harness(1, algorithm_config={}, wrong_every=10_000, hard_from=0)
+    assert workload(h.sched).trials == 0
+    first = h.add([1, 2, 3], max_new_tokens=30)
+    h.run()
+    assert _rounds_of(first)[0][1] == 7  # probed (width 8): every draft wrong
+    assert workload(h.sched).trials >= 1 and workload(h.sched).successes == 0
+    second = h.add([4, 5, 6, 7], max_new_tokens=30)
+    h.run()
+    sampled = h.add([4, 5, 6, 7], max_new_tokens=30, temperature=1.0, sampling_seed=3)
+    h.run()
+    assert _ids(first) == oracle([1, 2, 3], 30, set()) and _ids(second) == oracle([4, 5, 6, 7], 30, set())
+    assert {d for _, d in _rounds_of(second)} == {0}  # seeded: no probe, AR steps only
+    assert _rounds_of(sampled)[0][1] == 7  # probed as if it ran alone
     assert h.alloc.available_size() == h.initial_free
