@@ -142,9 +142,9 @@ def apply_round(req, tokens: list[int], state: SpecState, req_to_token_pool, all
     req.extend_end = keep
     req.dllm_block_offset = keep
 
-    # An AR run's inputs after the seed are its own AR steps, not drafts: it drafted nothing.
-    drafted = 0 if state.ar_run else (state.width or slots) - 1
-    _record_metrics(req, state, n, drafted, 0 if drafted else state.width or slots)
+    width = state.width or slots  # 0: not chosen, the whole block
+    drafted = dataclasses.replace(state, width=width).drafted
+    _record_metrics(req, state, n, drafted, 0 if drafted else width)
     record_logprobs(req, state.logprob_rows[:n])
 
     req.update_finish_state(new_accepted_len=n)
@@ -260,11 +260,10 @@ def process_batch_result_dllm(original, scheduler, batch, result):
                 continue  # released elsewhere while the round ran
             nfe = req.dllm_algo_state.nfe
             apply_round(req, list(tokens), state, scheduler.req_to_token_pool, allocator, block_size, policy)
-            if not state.ar_run:
-                record_workload(scheduler, policy, state.width - 1, len(tokens) - 1)
+            record_workload(scheduler, policy, state.drafted, len(tokens) - 1)
             emitted = emitted_this_round(req, len(tokens))
             if record:
-                drafted = 0 if state.ar_run else state.width - 1
+                drafted = state.drafted
                 metrics.record(block_size, rounds=1, accepted_drafts=min(len(tokens) - 1, emitted) if drafted else 0,
                                tokens=emitted, forwards=state.nfe - nfe, draft_length=drafted,
                                ar_steps=0 if drafted else state.width)

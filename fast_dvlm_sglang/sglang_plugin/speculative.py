@@ -185,6 +185,12 @@ class SpecState:
                               repetition_penalty=self.repetition_penalty)
 
     @property
+    def drafted(self) -> int:
+        """Draft tokens the last round ran with (after a round: `width` is its verify width); an
+        AR run's inputs after the seed are its own AR steps, not drafts."""
+        return 0 if self.ar_run else max(self.width - 1, 0)
+
+    @property
     def penalizes(self) -> bool:
         return bool(self.frequency_penalty) or bool(self.presence_penalty) or self.repetition_penalty != 1.0
 
