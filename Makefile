@@ -50,7 +50,7 @@ test-core: venv
 	$(VENV)/bin/python -m pytest -q -m "not sglang" --ignore=tests/sglang $(PYTEST_ARGS) tests
 
 test-sglang: venv-sglang
-	$(VENV_SGLANG)/bin/python -m pytest -q -m sglang $(PYTEST_ARGS) tests/sglang
+	$(VENV_SGLANG)/bin/python -m pytest -q -m sglang --durations=15 $(PYTEST_ARGS) tests/sglang
 
 serve: venv-sglang
 	$(VENV_SGLANG)/bin/fast-dvlm serve --model demo --host $(HOST) --port $(PORT)

@@ -113,13 +113,19 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    ap.add_argument("--workload", choices=["demo", "gsp"], default="demo",
+                    help="demo: the demo prompts (load.py); gsp: SGLang's bench_serving on its generated-shared-"
+                         "prefix dataset (random-token prompts, the adaptive-speculation issue's command)")
+    ap.add_argument("--serve-args", default="", help="more `fast-dvlm serve` flags, e.g. '--draft-length 0'")
+    ap.add_argument("--tag", default="", help="suffix of the output file name")
     args = ap.parse_args()
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(pyspy).exists():
         sys.exit("profile_server: py-spy not found (it is in constraints-sglang.txt: make venv-sglang)")
     tmp = Path(tempfile.mkdtemp(prefix="profile-"))
-    server = ServeProcess(resolve_model_dir("demo"), args.algorithm, tmp / "server.log",
-                          max_running=args.concurrency)
+    model_dir = resolve_model_dir("demo")
+    server = ServeProcess(model_dir, args.algorithm, tmp / "server.log", max_running=args.concurrency,
+                          serve_args=args.serve_args.split())
     try:
         server.wait_ready(timeout=600)
         client = server.client(timeout=900)
@@ -133,20 +139,32 @@ def main() -> int:
                                 "--full-filenames", "--nonblocking"], stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
         time.sleep(1.0)
-        records, duration = run_load(client, model, requests, args.concurrency, progress=False)
+        if args.workload == "gsp":
+            sys.path.insert(0, str(Path(__file__).parent))
+            from bench_prefix_cache import shared_prefix_load
+
+            res = shared_prefix_load(server, model, model_dir, timeout=1800, concurrency=args.concurrency)
+            if not res.get("completed"):
+                sys.exit(f"profile_server: the load did not complete: {res.get('why')}")
+            n_requests, duration, tokens = res["completed"], res["duration"], res["total_output_tokens"]
+        else:
+            records, duration = run_load(client, model, requests, args.concurrency, progress=False)
+            n_requests, tokens = len(records), sum(r.output_tokens for r in records if r.ok)
         spy.send_signal(2)
         spy.wait(timeout=120)
-        tokens = sum(r.output_tokens for r in records if r.ok)
     finally:
         server.stop()
     text = _short_paths(raw.read_text())
     summary = summarize_collapsed(text)
-    out = RESULTS / f"profile_{args.algorithm}_c{args.concurrency}_cpu_demo.json"
+    workload = "" if args.workload == "demo" else f"_{args.workload}"
+    out = RESULTS / f"profile_{args.algorithm}{args.tag}{workload}_c{args.concurrency}_cpu_demo.json"
     report = {"what": "py-spy samples of SGLang's scheduler process under load (busy samples only)",
               "device": f"CPU ({platform.processor() or platform.machine()})", "algorithm": args.algorithm,
-              "concurrency": args.concurrency, "requests": len(records), "output_tokens": tokens,
+              "concurrency": args.concurrency, "workload": args.workload, "serve_args": args.serve_args,
+              "requests": n_requests, "output_tokens": tokens,
               "duration_s": duration, "output_tokens_per_s": tokens / duration, "rate_hz": args.rate,
               "categories": {name: list(needles) for name, needles in CATEGORIES}, **summary,
+              "busy_samples_per_output_token": summary["busy_samples"] / max(1, tokens),
               "command": " ".join(["python", *sys.argv])}
     out.write_text(json.dumps(report, indent=1) + "\n")
     # Flame-graph input (inferno-flamegraph, speedscope, flamegraph.pl), gzipped.
