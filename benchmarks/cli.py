@@ -1,8 +1,9 @@
-"""`fast-dvlm bench serve | online | forward`: argument parsing and errors (one line, exit 2).
+"""`fast-dvlm bench serve | online | forward | cost-table`: argument parsing and errors (one line, exit 2).
 
     fast-dvlm bench serve --model demo --algorithms ar,mdm,spec --concurrency 1,4,16
     fast-dvlm bench online --base-url http://127.0.0.1:8000 --concurrency 1,4,16 --requests 32
     fast-dvlm bench forward --config fast-dvlm-3b --random-weights --precisions bf16,fp8
+    fast-dvlm bench cost-table --config fast-dvlm-3b --random-weights     # the draft policy's cost table
 
 `make bench` runs the CPU suite on the demo model; `benchmarks/gpu.sh` the forward benchmark on a
 GPU machine (PyTorch + Triton, no SGLang needed).
@@ -67,12 +68,19 @@ def _load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _path_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attention", choices=("triton", "sdpa"), default="triton",
+                   help="CUDA: our Triton kernel or SDPA with a mask (CPU: always SDPA)")
+    p.add_argument("--fp8-gemm", choices=("triton", "scaled_mm"), default="triton",
+                   help="CUDA fp8: our Triton GEMM or torch._scaled_mm")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .suite import ALGORITHMS, PRECISIONS
 
     parser = OneLineParser(prog="fast-dvlm bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="kind", required=True, parser_class=OneLineParser,
-                                metavar="{serve,online,forward}")
+                                metavar="{serve,online,forward,cost-table}")
 
     p = sub.add_parser("serve", help="start our SGLang server per configuration and benchmark it")
     p.add_argument("--model", default="demo", help="'demo' or a checkpoint directory")
@@ -104,8 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=_positive, default=20, help="timed replays per forward (median)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--no-graphs", action="store_true", help="eager forwards even on CUDA")
+    _path_args(p)
     p.add_argument("--baseline-new-tokens", type=int, default=64,
                    help="transformers eager generate: tokens per timed run (0: skip the baseline)")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("cost-table", help="the draft policy's forward cost table, timed on the model (GPU: CUDA graphs)")
+    p.add_argument("--config", choices=["fast-dvlm-3b", "tiny"], default="fast-dvlm-3b")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights of --config's shapes (required unless --refit)")
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16")
+    p.add_argument("--contexts", type=_list(int), default=[512, 4096])
+    p.add_argument("--batch-sizes", type=_list(int), default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--widths", type=_list(int), default=[1, 2, 4, 8, 16, 32],
+                   help="tokens per row of a forward (1: an AR step; w > 1: a draft and a verify)")
+    p.add_argument("--reps", type=_positive, default=20, help="timed replays per forward (median)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--no-graphs", action="store_true", help="eager forwards even on CUDA")
+    _path_args(p)
+    p.add_argument("--refit", type=Path, default=None, help="recompute the fit and the implied draft lengths of a report")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--quiet", action="store_true")
     return parser
@@ -135,9 +161,35 @@ def bench_main(argv: list[str]) -> int:
         return 2
 
 
+def _cost_table(args) -> int:
+    import json
+
+    from .cost_table import cost_table_bench, cost_table_markdown, refit, write_cost_table
+
+    if args.refit is not None:
+        try:
+            report = refit(json.loads(args.refit.read_text()))
+        except (OSError, ValueError, KeyError) as e:
+            raise BenchUsageError(f"--refit {args.refit}: not a cost-table report ({e})") from None
+        out = args.out or args.refit
+    else:
+        if not args.random_weights:
+            raise BenchUsageError("--random-weights is required (the table is timed on random weights)")
+        report = cost_table_bench(args)
+        device = report["settings"]["device_type"]
+        out = args.out or Path(__file__).parent / "results" / f"forward_cost_{device}_{args.config}.json"
+    paths = write_cost_table(report, out)
+    print(cost_table_markdown(report))
+    for path in paths:
+        print(path)
+    return 0
+
+
 def _run(args) -> int:
     from .suite import default_out, online_bench, serve_bench, write_report
 
+    if args.kind == "cost-table":
+        return _cost_table(args)
     if args.kind == "forward":
         from .forward import forward_bench
 

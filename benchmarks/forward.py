@@ -102,10 +102,12 @@ def model_config(name: str):
                     fullatt_block_indexes=[0]), vocab_size=1024))
 
 
-def build_model(cfg, precision: str, device, dtype: torch.dtype):
+def build_model(cfg, precision: str, device, dtype: torch.dtype, *, attention: str = "triton",
+                fp8_gemm: str = "triton"):
     """Our reference model with random weights (default initialisation), FP8 linears in the text
     tower's decoder layers for `fp8` (lm_head and the vision tower stay in `dtype`, as our
-    quantizer's scheme keeps them)."""
+    quantizer's scheme keeps them). On CUDA attention runs in our Triton kernel and FP8 products in
+    our Triton GEMM unless `attention="sdpa"` / `fp8_gemm="scaled_mm"` (`torch._scaled_mm`)."""
     from fast_dvlm_sglang.model import FastDVLMForConditionalGeneration
     from fast_dvlm_sglang.quantize.fp8 import FP8Linear
 
@@ -118,9 +120,48 @@ def build_model(cfg, precision: str, device, dtype: torch.dtype):
                 for name, child in list(parent.named_children()):
                     if isinstance(child, torch.nn.Linear):
                         setattr(parent, name, FP8Linear.from_linear(child))
-    if device.type == "cuda":
-        model.use_attention_kernel(True)
+    set_paths(model, attention=attention if device.type == "cuda" else "sdpa", fp8_gemm=fp8_gemm)
     return model
+
+
+def set_paths(model, *, attention: str, fp8_gemm: str) -> None:
+    """Which implementation the model's attention and FP8 linears run (see `build_model`)."""
+    from fast_dvlm_sglang.quantize.fp8 import FP8Linear
+
+    model.use_attention_kernel(attention == "triton")
+    for module in model.modules():
+        if isinstance(module, FP8Linear):
+            module.use_triton = fp8_gemm == "triton"
+    model.bench_paths = {"attention": attention, "fp8_gemm": fp8_gemm}
+
+
+def check_paths(model, cfg, context: int, block_size: int, dtype: torch.dtype) -> dict:
+    """Logits of the paths being timed against the oracle paths, on one draft and one verify
+    forward (batch 2): relative L2 error (||a - b|| / ||b||) of our Triton attention against SDPA
+    and, for FP8, of our Triton GEMM against `fp8_linear` (`torch._scaled_mm`), and the share of
+    positions whose argmax agrees. Same math, other rounding: bf16 logits part by ~1e-2."""
+    from fast_dvlm_sglang.attention_masks import block_bidirectional_mask, causal_mask
+
+    device, paths = model.device, dict(model.bench_paths)
+    t = cfg.text
+    ids = torch.randint(0, 500, (2, block_size), device=device)
+    pos = (torch.arange(block_size, device=device) + context).view(1, 1, -1).expand(3, 2, -1).contiguous()
+    out = {}
+    for name, mask in (("draft", block_bidirectional_mask(block_size, context, device=device)),
+                       ("verify", causal_mask(block_size, context, device=device))):
+        logits = {}
+        for label, attention, gemm in (("timed", paths["attention"], paths["fp8_gemm"]), ("oracle", "sdpa", "reference")):
+            set_paths(model, attention=attention, fp8_gemm=gemm if gemm != "reference" else "scaled_mm")
+            cache = StaticKVCache(t.num_hidden_layers, 2, t.num_key_value_heads, t.head_dim, context, block_size,
+                                  dtype, device)
+            with torch.inference_mode():
+                logits[label] = model(model.model.language_model.embed_tokens(ids), pos, mask, cache,
+                                      write_cache=name == "verify").float()
+        a, b = logits["timed"], logits["oracle"]
+        out[name] = {"rel_l2": float((a - b).norm() / b.norm()), "argmax_agree": float((a.argmax(-1) == b.argmax(-1))
+                                                                                       .float().mean())}
+    set_paths(model, **paths)
+    return out
 
 
 def text_weight_bytes(model) -> int:
@@ -234,22 +275,63 @@ def transformers_twin(model, cfg, device, dtype):
     return hf
 
 
-def transformers_baseline(model, cfg, context: int, new_tokens: int, device, dtype) -> float:
+def transformers_baseline(model, cfg, contexts: list[int], new_tokens: int, device, dtype) -> dict[int, float]:
     """Greedy tokens/s of transformers' eager `generate` on our model's weights, batch 1, a
-    `context`-token random prompt, exactly `new_tokens` generated (EOS ignored)."""
+    `context`-token random prompt, exactly `new_tokens` generated (EOS ignored), per context."""
     hf = transformers_twin(model, cfg, device, dtype)
-    ids = torch.randint(0, 500, (1, context), device=device)
+    out = {}
     with torch.inference_mode():
-        hf.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
-        _sync(device)
-        t0 = time.perf_counter()
-        out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        _sync(device)
-        seconds = time.perf_counter() - t0
+        for context in contexts:
+            ids = torch.randint(0, 500, (1, context), device=device)
+            hf.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+            _sync(device)
+            t0 = time.perf_counter()
+            gen = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            _sync(device)
+            out[context] = (gen.shape[1] - context) / (time.perf_counter() - t0)
     del hf
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return (out.shape[1] - context) / seconds
+    return out
+
+
+# What a failing timed path falls back to, in order (each tried alone, then all together); the
+# first that works stays for the rest of the run and is recorded in the report's settings.
+FALLBACKS = ({"attention": "sdpa"}, {"fp8_gemm": "scaled_mm"}, {"graphs": False})
+
+
+def time_forward_robust(model, cfg, shape: ForwardShape, batch: int, context: int, *, state: dict, reps: int,
+                        dtype: torch.dtype) -> float | None:
+    """`time_forward` on the paths in `state` (attention, fp8_gemm, graphs); if it raises (a kernel
+    that does not compile on this GPU, a graph that cannot be captured), the `FALLBACKS` in turn.
+    None (and the error in `state["failed"]`) if nothing works for this cell."""
+    def attempt(paths: dict) -> float:
+        set_paths(model, attention=paths["attention"], fp8_gemm=paths["fp8_gemm"])
+        return time_forward(model, cfg, shape, batch, context, graphs=paths["graphs"], reps=reps, dtype=dtype)
+
+    current = {k: state[k] for k in ("attention", "fp8_gemm", "graphs")}
+    try:
+        return attempt(current)
+    except Exception as e:  # noqa: BLE001 - recorded, then the fallbacks
+        error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    merged = {k: v for f in FALLBACKS for k, v in f.items()}
+    for fallback in (*FALLBACKS, merged):
+        trial = {**current, **fallback}
+        if trial == current:
+            continue
+        try:
+            seconds = attempt(trial)
+        except Exception:  # noqa: BLE001 - the next fallback
+            continue
+        state.update(trial)
+        state.setdefault("fallbacks", []).append({"at": f"{shape.name} B={batch} C={context}", "error": error,
+                                                  "now": trial})
+        print(f"fast-dvlm bench: {error}; falling back to {trial}", flush=True)
+        return seconds
+    set_paths(model, attention=current["attention"], fp8_gemm=current["fp8_gemm"])
+    state.setdefault("failed", []).append({"at": f"{shape.name} B={batch} C={context}", "error": error})
+    print(f"fast-dvlm bench: {shape.name} B={batch} C={context} failed on every path: {error}", flush=True)
+    return None
 
 
 def demo_tokens_per_nfe() -> dict[str, float]:
@@ -272,31 +354,46 @@ def forward_bench(args) -> dict:
     cfg = model_config(args.config)
     bandwidth = copy_bandwidth(device)
     ratios = {"paper": PAPER_TOKENS_PER_NFE, "demo": demo_tokens_per_nfe()}
-    rows, baseline = [], {}
+    rows, baseline, checks, states = [], {}, {}, {}
     for precision in args.precisions:
         if precision == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
             raise SystemExit("fast-dvlm bench forward: fp8 needs an SM89+ GPU (float8 tensor cores)")
-        model = build_model(cfg, precision, device, dtype)
+        state = {"attention": args.attention if device.type == "cuda" else "sdpa", "fp8_gemm": args.fp8_gemm,
+                 "graphs": graphs}
+        states[precision] = state
+        model = build_model(cfg, precision, device, dtype, attention=state["attention"], fp8_gemm=state["fp8_gemm"])
         weights = text_weight_bytes(model)
+        if precision == args.precisions[0] and args.baseline_new_tokens > 0:
+            baseline = transformers_baseline(model, cfg, args.contexts, args.baseline_new_tokens, device, dtype)
+        if device.type == "cuda":
+            try:
+                checks[precision] = check_paths(model, cfg, min(args.contexts), args.block_size, dtype)
+            except Exception as e:  # noqa: BLE001 - a broken path shows in the timings' fallbacks too
+                checks[precision] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            if not args.quiet:
+                print(f"{precision} paths vs oracle: {checks[precision]}", flush=True)
         for context in args.contexts:
-            if precision == args.precisions[0] and args.baseline_new_tokens > 0:
-                baseline[context] = transformers_baseline(model, cfg, context, args.baseline_new_tokens, device,
-                                                          dtype)
             for batch in args.batch_sizes:
                 times = {}
                 for shape in forward_shapes(args.block_size):
-                    seconds = time_forward(model, cfg, shape, batch, context, graphs=graphs, reps=args.reps,
-                                           dtype=dtype)
+                    seconds = time_forward_robust(model, cfg, shape, batch, context, state=state, reps=args.reps,
+                                                  dtype=dtype)
+                    if seconds is None:
+                        continue
                     nbytes = weights + kv_bytes(cfg, shape, batch, context, torch.finfo(dtype).bits // 8)
                     times[shape.name] = seconds
                     rows.append({"precision": precision, "context": context, "batch_size": batch,
                                  "forward": shape.name, "tokens": shape.tokens * batch, "ms": seconds * 1e3,
                                  "bytes": nbytes, "roofline_ms": nbytes / bandwidth * 1e3,
-                                 "x_roofline": seconds / (nbytes / bandwidth)})
+                                 "x_roofline": seconds / (nbytes / bandwidth),
+                                 "paths": {k: state[k] for k in ("attention", "fp8_gemm", "graphs")}})
                     if not args.quiet:
                         print(f"{precision} C={context} B={batch} {shape.name}: {seconds * 1e3:.3f} ms "
                               f"({seconds / (nbytes / bandwidth):.2f}x roofline)", flush=True)
-                _add_projection(rows, times, batch, ratios)
+                if len(times) == len(FORWARDS):
+                    _add_projection(rows, times, batch, ratios)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -306,12 +403,14 @@ def forward_bench(args) -> dict:
                          "batch_sizes": args.batch_sizes, "block_size": args.block_size, "reps": args.reps,
                          "cuda_graphs": graphs, "compute_dtype": str(dtype).replace("torch.", ""),
                          "copy_bandwidth_GBps": bandwidth / 1e9, "tokens_per_nfe_used": ratios,
+                         "paths": states,
                          "command": " ".join(["fast-dvlm", "bench", *getattr(args, "argv", [])])},
-            "summary": summary, "forwards": rows,
+            "summary": summary, "forwards": rows, "path_checks": checks,
             "transformers_eager_ar_tokens_per_s": {str(k): v for k, v in baseline.items()},
             "notes": {"projected": "projected TPS = measured forwards/s x the tokens/NFE named "
                                    "(random weights accept nothing)",
-                      "roofline": "bytes (weights + KV read + KV written) / measured copy bandwidth"}}
+                      "roofline": "bytes (weights + KV read + KV written) / measured copy bandwidth",
+                      "path_checks": "logits of the timed paths vs SDPA / fp8_linear (relative L2, argmax agreement)"}}
 
 
 def _add_projection(rows: list[dict], times: dict[str, float], batch: int, ratios: dict) -> None:
@@ -331,7 +430,7 @@ def _summary(rows: list[dict], baseline: dict, precisions: list[str]) -> list[di
     projected aggregate tokens/s, its ratio to AR steps of the same precision and batch."""
     out = []
     for r in rows:
-        if r["forward"] != "verify_block":
+        if r["forward"] != "verify_block" or "projected_tokens_per_s" not in r:
             continue
         proj = r["projected_tokens_per_s"]
         ar = proj["ar"]

@@ -226,14 +226,18 @@ def _version(name: str) -> str | None:
 
 
 def _commit() -> str | None:
+    """HEAD's short hash (+dirty), else $FAST_DVLM_COMMIT (a copy of the tree without .git, as a
+    lent GPU machine gets it)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                              text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return (out.stdout.strip() + ("+dirty" if dirty else "")) if out.returncode == 0 else None
+        if out.returncode == 0:
+            return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    return os.environ.get("FAST_DVLM_COMMIT") or None
 
 
 def environment(device: str | None = None) -> dict:

@@ -60,7 +60,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if use_scaled_mm is None:
         use_scaled_mm = _scaled_mm_available(x.device)
     if use_scaled_mm and xq.shape[0] > 0:
-        y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=sw, out_dtype=torch.float32)
+        try:
+            y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=sw, out_dtype=torch.float32)
+        except RuntimeError:  # some torch / cuBLASLt builds take row-wise scales with a bf16 output only
+            y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16).float()
     else:
         y = (xq.float() @ weight.float().t()) * sx * sw
     if bias is not None:

@@ -179,6 +179,9 @@ def _cli(*argv):
     (("serve", "--model", "/no/such/model"), "no such checkpoint directory"),
     (("online",), "--base-url"),
     (("forward",), "--random-weights"),
+    (("cost-table", "--config", "tiny"), "--random-weights is required"),
+    (("cost-table", "--refit", "/no/such.json"), "not a cost-table report"),
+    (("cost-table", "--widths", "0,4"), "every value must be >= 1"),
 ])
 def test_cli_errors_are_one_line(argv, needle):
     done = _cli(*argv)
@@ -256,6 +259,123 @@ def test_forward_bench_report(tmp_path):
     assert all(v > 0 for v in report["transformers_eager_ar_tokens_per_s"].values())
 
 
+def test_a_failing_path_falls_back_and_is_recorded(monkeypatch):
+    """A timed path that raises (a kernel that does not compile on the GPU at hand) is replaced by
+    the first fallback that works, which stays for the later cells and is named in the state; a
+    cell no path can run is recorded as failed, not timed."""
+    from fast_dvlm_sglang.benchmarks import forward
+
+    cfg = forward.model_config("tiny")
+    model = forward.build_model(cfg, "fp8", torch.device("cpu"), torch.float32)
+    calls = []
+
+    def fake_time(model_, cfg_, shape, batch, context, *, graphs, reps, dtype):
+        calls.append(dict(model_.bench_paths, graphs=graphs))
+        if model_.bench_paths["fp8_gemm"] == "triton":
+            raise RuntimeError("PassManager::run failed\nlong compiler log")
+        return 0.5
+
+    monkeypatch.setattr(forward, "time_forward", fake_time)
+    state = {"attention": "triton", "fp8_gemm": "triton", "graphs": True}
+    shape = forward.forward_shapes(8)[0]
+    assert forward.time_forward_robust(model, cfg, shape, 1, 16, state=state, reps=1, dtype=torch.float32) == 0.5
+    assert state["fp8_gemm"] == "scaled_mm" and state["attention"] == "triton" and state["graphs"] is True
+    assert state["fallbacks"][0]["error"] == "RuntimeError: PassManager::run failed"
+    assert calls[1] == {"attention": "sdpa", "fp8_gemm": "triton", "graphs": True}  # tried first, still failing
+    calls.clear()
+    assert forward.time_forward_robust(model, cfg, shape, 2, 16, state=state, reps=1, dtype=torch.float32) == 0.5
+    assert len(calls) == 1  # the fallback stays
+
+    monkeypatch.setattr(forward, "time_forward", lambda *a, **k: (_ for _ in ()).throw(ValueError("no")))
+    assert forward.time_forward_robust(model, cfg, shape, 4, 16, state=state, reps=1, dtype=torch.float32) is None
+    assert state["failed"] == [{"at": "ar_step B=4 C=16", "error": "ValueError: no"}]
+    assert model.bench_paths == {"attention": "triton", "fp8_gemm": "scaled_mm"}  # the state's paths again
+
+
+def test_path_check_compares_the_triton_attention_with_sdpa():
+    """`check_paths` (run on the GPU before timing) on CPU through Triton's interpreter: the kernel's
+    logits equal SDPA's to float32 rounding, and a broken kernel would show (a planted error in
+    the oracle's path moves the number)."""
+    from fast_dvlm_sglang.benchmarks import forward
+
+    cfg = forward.model_config("tiny")
+    model = forward.build_model(cfg, "bf16", torch.device("cpu"), torch.float32)
+    forward.set_paths(model, attention="triton", fp8_gemm="triton")
+    got = forward.check_paths(model, cfg, 12, 8, torch.float32)
+    for name in ("draft", "verify"):
+        assert got[name]["rel_l2"] < 1e-5 and got[name]["argmax_agree"] == 1.0
+    assert model.bench_paths == {"attention": "triton", "fp8_gemm": "triton"}
+    forward.set_paths(model, attention="sdpa", fp8_gemm="triton")
+    assert forward.check_paths(model, cfg, 12, 8, torch.float32)["draft"]["rel_l2"] == 0.0  # same path: no difference
+
+
+# ---- the draft policy's cost table (`fast-dvlm bench cost-table`) ---------------------------------------
+@pytest.mark.parametrize("seed", range(5))
+def test_cost_fit_recovers_a_known_cost(seed):
+    """Times made from known coefficients (plus 1% noise) fit back to them; the fit is a valid
+    `forward_cost` table whose predictions are the times."""
+    from fast_dvlm_sglang.benchmarks.cost_table import FEATURES, features, fit_cost
+    from fast_dvlm_sglang.decoding.draft_policy import ForwardCost
+
+    rng = np.random.default_rng(seed)
+    true = dict(zip(FEATURES, (rng.uniform(1e-3, 1e-2), rng.uniform(0, 1e-4), rng.uniform(1e-6, 1e-4),
+                               rng.uniform(1e-10, 1e-8))))
+    table = [{"context": c, "batch_size": b, "width": w,
+              "seconds": float(np.dot(features(b, w, c), [true[n] for n in FEATURES])) * rng.uniform(0.99, 1.01)}
+             for c in (512, 4096) for b in (1, 2, 4, 8, 16, 32, 64) for w in (1, 2, 4, 8, 16, 32)]
+    fit = fit_cost(table)
+    for name in ("base", "per_token", "per_pair"):
+        assert fit[name] == pytest.approx(true[name], rel=0.1)
+    assert fit["residual"] < 0.02 and fit["ratio_residual"] < 0.03
+    cost = ForwardCost.load(fit)
+    assert cost.seconds(64 * 32, 64, 64 * 32 * (4096 + 32)) == pytest.approx(table[-1]["seconds"], rel=0.03)
+
+
+def test_implied_draft_lengths_follow_acceptance_and_cost():
+    """Where a forward costs the same whatever its width (memory-bound), a request that never
+    accepts keeps AR steps and one that always accepts drafts the whole block; where every token
+    costs as much as the forward's base (compute-bound), long drafts lose at any acceptance below
+    1 at a large batch. The policy never picks a round it expects to lose to AR."""
+    from fast_dvlm_sglang.benchmarks.cost_table import implied_widths
+
+    flat = implied_widths({"base": 0.01, "per_row": 0.0, "per_token": 1e-9, "per_pair": 0.0}, [1, 64], [512],
+                          grid=(0.0, 0.99))
+    by = {(r["batch_size"], r["acceptance"]): r for r in flat}
+    assert by[(1, 0.0)]["draft_lengths"] == [0] and by[(1, 0.0)]["speedup_vs_ar"] == 1.0
+    assert by[(1, 0.99)]["draft_lengths"] == [31] and by[(1, 0.99)]["speedup_vs_ar"] > 10
+    steep = implied_widths({"base": 1e-4, "per_row": 0.0, "per_token": 1e-4, "per_pair": 0.0}, [64], [512],
+                           grid=(0.5, 0.9))
+    assert all(max(r["draft_lengths"]) < 31 for r in steep)
+    assert all(r["speedup_vs_ar"] >= 1.0 for r in flat + steep)
+
+
+def test_cost_table_report_and_refit(tmp_path):
+    """`fast-dvlm bench cost-table --config tiny` end to end on CPU: an AR step per (context, batch)
+    and a draft and a verify per wider width, the cells their means, a fit the server can load,
+    the implied draft lengths for every (context, batch, acceptance); `--refit` rebuilds the same
+    fit from the forwards."""
+    from fast_dvlm_sglang.decoding.draft_policy import ForwardCost
+
+    out = tmp_path / "cost.json"
+    done = _cli("cost-table", "--config", "tiny", "--random-weights", "--contexts", "16,40", "--batch-sizes", "1,3",
+                "--widths", "1,4", "--reps", "2", "--quiet", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["kind"] == "forward_cost" and report["environment"]["device"]
+    assert sorted((r["context"], r["batch_size"], r["width"], r["forward"]) for r in report["forwards"]) == sorted(
+        [(c, b, 1, "ar_step") for c in (16, 40) for b in (1, 3)]
+        + [(c, b, 4, f) for c in (16, 40) for b in (1, 3) for f in ("draft", "verify")])
+    for cell in report["cells"]:
+        ms = [r["ms"] for r in report["forwards"]
+              if (r["context"], r["batch_size"], r["width"]) == (cell["context"], cell["batch_size"], cell["width"])]
+        assert cell["seconds"] == pytest.approx(sum(ms) / len(ms) / 1e3)
+    assert ForwardCost.load(str(out)).base == report["fit"]["base"]
+    assert len(report["implied"]) == 2 * 2 * 8 and (tmp_path / "cost.md").read_text().count("| 40 |") == 4  # both tables
+    again = _cli("cost-table", "--refit", str(out), "--out", str(tmp_path / "again.json"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "again.json").read_text())["fit"] == report["fit"]
+
+
 def test_profile_categories_follow_the_innermost_frame():
     """A stack belongs to the category of its innermost frame that has one: our AROUND hooks wrap
     SGLang's scheduler functions, so a frame of ours high up must not claim SGLang's work."""
@@ -277,3 +397,22 @@ def test_profile_categories_follow_the_innermost_frame():
     assert summary["busy_samples"] == 12
     assert summary["share"]["model forward (other)"] == pytest.approx(5 / 12)
     assert summary["top_self"][0] == {"frame": "apply (sglang/srt/layers/linear.py:7)", "share": pytest.approx(5 / 12)}
+
+
+def test_gpu_suite_dry_run_on_cpu(tmp_path):
+    """`benchmarks/gpu.sh` (the one command a lent GPU machine runs) end to end on a CPU
+    (GPU_SH_DRY_RUN: tiny model and grids, kernel tests collected only): every step runs, a
+    forward report and a cost table loadable by the server come out where GPU_OUT says."""
+    from pathlib import Path
+
+    from fast_dvlm_sglang.decoding.draft_policy import ForwardCost
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu.sh"
+    env = {**__import__("os").environ, "GPU_SH_DRY_RUN": "1", "GPU_OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "gpu.sh: every step passed" in done.stdout
+    for step in ("attention-tests", "fp8-gemm-tests", "fp8-reference-tests", "forward", "cost-table", "kernels"):
+        assert f"== gpu.sh: {step} rc=0" in done.stdout, step
+    assert check_report(json.loads((tmp_path / "bench_forward_cpu_tiny.json").read_text())) == []
+    assert ForwardCost.load(str(tmp_path / "forward_cost_cpu_tiny.json")).base >= 0
