@@ -123,7 +123,8 @@ class ForwardCost:
 #   error 13% on a drafting round's cost next to an AR step, what the choice depends on);
 # - cuda: no GPU measurement yet; a memory-bound forward (the weights are read once whatever the
 #   token count: a 32-token block costs about one AR step at batch 1, the paper's premise), with
-#   compute per token of a 3B model on a Hopper GPU. Measure and pass `forward_cost` on a GPU.
+#   compute per token of a 3B model on a Hopper GPU. Measure it with `fast-dvlm bench cost-table`
+#   (benchmarks/gpu.sh, step 3) and pass the file as `forward_cost`, or make it the default here.
 DEFAULT_COSTS = {
     "cpu": ForwardCost(base=0.0144, per_token=5.39e-5, per_row=0.000721, per_pair=4.19e-8, per_round=0.004,
                        source="default cpu (benchmarks/results/forward_cost_cpu_demo.json; per_round: "
