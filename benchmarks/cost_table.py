@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .forward import ForwardShape, build_model, model_config, time_forward_robust
+from .forward import ForwardShape, bench_setup, build_model, time_forward_robust
 from .serving_metrics import SCHEMA, environment
 
 FEATURES = ("base", "per_row", "per_token", "per_pair")
@@ -121,10 +121,7 @@ def implied_widths(coef: dict, batch_sizes: list[int], contexts: list[int], bloc
 
 
 def cost_table_bench(args) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    graphs = device.type == "cuda" and not args.no_graphs
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = model_config(args.config)
+    device, graphs, dtype, cfg = bench_setup(args)
     state = {"attention": args.attention if device.type == "cuda" else "sdpa", "fp8_gemm": args.fp8_gemm,
              "graphs": graphs}
     model = build_model(cfg, args.precision, device, dtype, attention=state["attention"], fp8_gemm=state["fp8_gemm"])
@@ -197,12 +194,7 @@ def cost_table_markdown(report: dict) -> str:
 def write_cost_table(report: dict, out: Path) -> list[Path]:
     import json
 
+    from .suite import write_texts
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for path, text in ((out, json.dumps(report, indent=1) + "\n"), (out.with_suffix(".md"), cost_table_markdown(report))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        paths.append(path)
-    return paths
+    return write_texts([(out, json.dumps(report, indent=1) + "\n"), (out.with_suffix(".md"), cost_table_markdown(report))])

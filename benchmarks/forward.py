@@ -347,11 +347,17 @@ def demo_tokens_per_nfe() -> dict[str, float]:
     return out
 
 
-def forward_bench(args) -> dict:
+def bench_setup(args):
+    """(device, CUDA graphs on, compute dtype, model config) of a model-level benchmark's flags:
+    CUDA if there is one (bf16, graphs unless --no-graphs), else CPU (float32, eager)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     graphs = device.type == "cuda" and not args.no_graphs
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = model_config(args.config)
+    return device, graphs, dtype, model_config(args.config)
+
+
+def forward_bench(args) -> dict:
+    device, graphs, dtype, cfg = bench_setup(args)
     bandwidth = copy_bandwidth(device)
     ratios = {"paper": PAPER_TOKENS_PER_NFE, "demo": demo_tokens_per_nfe()}
     rows, baseline, checks, states = [], {}, {}, {}

@@ -127,19 +127,26 @@ def answers_equal_ar(rows: list[dict], details: list[dict]) -> None:
         r["answers_equal_ar"] = (sum(a == b for a, b in zip(mine, ar)) / len(ar)) if ar and mine else None
 
 
+def write_texts(items: list[tuple[Path, str]]) -> list[Path]:
+    """Each (path, text) written atomically (a temporary file beside it, then renamed)."""
+    paths = []
+    for path, text in items:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
 def write_report(report: dict, out: Path, *, plot: bool = True) -> list[Path]:
     """JSON, markdown and PNG next to each other, each written atomically."""
     problems = check_report(report)
     if problems:
         raise ValueError("invalid report: " + "; ".join(problems))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for path, text in ((out, json.dumps(report, indent=1) + "\n"), (out.with_suffix(".md"), _markdown(report))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        paths.append(path)
+    paths = write_texts([(out, json.dumps(report, indent=1) + "\n"), (out.with_suffix(".md"), _markdown(report))])
     if plot:
         from .plots import plot_forward, plot_report
 
