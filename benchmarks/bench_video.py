@@ -43,7 +43,6 @@ def main() -> int:
     from fast_dvlm_sglang.config import resolve_model_dir
     from fast_dvlm_sglang.server_process import ServeProcess
     from fast_dvlm_sglang.sglang_plugin.limits import ServingLimits
-    from fast_dvlm_sglang.tokenizer import video_frame_bounds
     from fast_dvlm_sglang.video import (
         ClipInfo,
         decode_frames,
@@ -53,6 +52,7 @@ def main() -> int:
         plan_frames,
         probe,
         resize_frames,
+        video_frame_bounds,
     )
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

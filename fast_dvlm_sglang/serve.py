@@ -233,8 +233,18 @@ def cpu_thread_binding(ranks: int, cores: list[int]) -> str:
 def backend_env(cmd: list[str]) -> dict[str, str]:
     """Environment the SGLang processes need: our Triton kernel on a CPU runs in Triton's
     interpreter, which must be on before SGLang first imports Triton; several CPU ranks (`-- --dp
-    2`, `-- --tp 2`) get their cores split between them unless `SGLANG_CPU_OMP_THREADS_BIND` is set."""
+    2`, `-- --tp 2`) get their cores split between them unless `SGLANG_CPU_OMP_THREADS_BIND` is set.
+
+    On every device SGLang's model registry scans our models package only
+    (`SGLANG_EXTERNAL_MODEL_PACKAGE`, SGLang's switch for that): at startup each scheduler process
+    otherwise imports all of SGLang's ~290 model modules to find ours, ~2.5 s of CPU per rank
+    (`python -X importtime`). An architecture that is not ours still resolves: SGLang's registry
+    then loads its own models (`ModelRegistry.resolve_model_cls`)."""
+    from fast_dvlm_sglang.sglang_plugin import MODELS_PACKAGE
+
     env = {}
+    if not os.environ.get("SGLANG_EXTERNAL_MODEL_PACKAGE"):
+        env["SGLANG_EXTERNAL_MODEL_PACKAGE"] = MODELS_PACKAGE
     if last_value(cmd, "--device") != "cpu":
         return env
     if last_value(cmd, "--attention-backend") == "fast_dvlm_triton":
@@ -270,7 +280,7 @@ def check_video_support(args: argparse.Namespace, limits: ServingLimits) -> None
     except ImportError:
         raise SystemExit("fast-dvlm serve: video decoding needs PyAV: pip install av "
                          "(a dependency of fast-dvlm-sglang; reinstall the package)") from None
-    from fast_dvlm_sglang.tokenizer import video_frame_bounds
+    from fast_dvlm_sglang.video import video_frame_bounds
 
     model_dir = Path(resolve_model(args.model))
     if not model_dir.is_dir():

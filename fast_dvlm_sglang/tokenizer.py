@@ -393,23 +393,10 @@ def load_processor(model_dir: str | os.PathLike):
         tokenizer=tokenizer,
         chat_template=tokenizer.chat_template or CHAT_TEMPLATE,
     )
+    from .video import video_frame_bounds
+
     processor.video_frame_bounds = video_frame_bounds(model_dir)
     return processor
-
-
-def video_frame_bounds(model_dir: str | os.PathLike) -> tuple[int, int]:
-    """Per-frame pixel bounds for video (`video.frame_pixel_bounds`) from the checkpoint's video
-    processor config: `video_preprocessor_config.json`, else `preprocessor_config.json`, the file
-    transformers' video processor falls back to (so the server's frames are sized the same)."""
-    from .video import frame_pixel_bounds
-
-    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-        path = Path(model_dir) / name
-        if path.is_file():
-            cfg = json.loads(path.read_text())
-            size = cfg.get("size") or {"shortest_edge": cfg.get("min_pixels"), "longest_edge": cfg.get("max_pixels")}
-            return frame_pixel_bounds(size)
-    return frame_pixel_bounds(None)
 
 
 class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ __all__ = [
     "probe",
     "resize_frames",
     "smart_resize",
+    "video_frame_bounds",
     "video_patches",
 ]
 
@@ -130,6 +132,20 @@ def frame_pixel_bounds(processor_size) -> tuple[int, int]:
     upper = min(hi, VIDEO_MAX_PIXELS)
     lower = max(lo, min(VIDEO_MIN_PIXELS, upper // 2))
     return lower, upper
+
+
+def video_frame_bounds(model_dir: str | Path) -> tuple[int, int]:
+    """Per-frame pixel bounds for video (`frame_pixel_bounds`) from the checkpoint's video
+    processor config: `video_preprocessor_config.json`, else `preprocessor_config.json`, the file
+    transformers' video processor falls back to (so the server's frames are sized the same).
+    Reads JSON only: `fast-dvlm serve` checks its video caps with it before SGLang starts."""
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        path = Path(model_dir) / name
+        if path.is_file():
+            cfg = json.loads(path.read_text())
+            size = cfg.get("size") or {"shortest_edge": cfg.get("min_pixels"), "longest_edge": cfg.get("max_pixels")}
+            return frame_pixel_bounds(size)
+    return frame_pixel_bounds(None)
 
 
 @dataclass(frozen=True)

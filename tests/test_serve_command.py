@@ -244,6 +244,7 @@ def test_attention_backend_flag_and_the_interpreter(tmp_path, capsys, device, ex
     backend = serve.last_value(words, "--attention-backend")
     assert backend == ("fast_dvlm_triton" if extra else "torch_native" if device == "cpu" else "triton")
     assert ("TRITON_INTERPRET=1" in words) == interpret
+    assert "SGLANG_EXTERNAL_MODEL_PACKAGE=fast_dvlm_sglang.sglang_plugin.models" in words  # every device
 
 
 @pytest.mark.parametrize("extra,ranks", [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pkgutil
 import shutil
 
@@ -62,6 +63,37 @@ def test_load_plugins_registers_everything(loaded):
         assert pkgutil.resolve_name(hook) in listed
         assert ours == listed, target  # exactly our hooks on this target, each once
 
+
+
+def test_registry_scans_only_our_models_under_serve_env_and_still_resolves_others():
+    """`fast-dvlm serve` gives SGLang's processes `SGLANG_EXTERNAL_MODEL_PACKAGE` (our models
+    package, `serve.backend_env`): SGLang's registry then imports none of its own ~290 model
+    modules to find ours (a fresh process: the registry reads the variable at import), and an
+    architecture that is not ours still resolves, loading SGLang's models on demand."""
+    import subprocess
+    import sys
+
+    from fast_dvlm_sglang import serve
+
+    env = serve.backend_env(["--device", "cpu"])
+    probe = (
+        "import sys, json\n"
+        "from sglang.srt.models.registry import ModelRegistry\n"
+        "from sglang.srt.plugins import load_plugins\n"
+        "load_plugins()\n"
+        "before = sorted(m for m in sys.modules if m.startswith('sglang.srt.models.') and m != 'sglang.srt.models.registry')\n"
+        f"ours, _ = ModelRegistry.resolve_model_cls([{ARCHITECTURE!r}])\n"
+        "other, arch = ModelRegistry.resolve_model_cls(['Qwen2ForCausalLM'])\n"
+        "print(json.dumps({'before': before, 'ours': ours.__module__, 'other': other.__name__, 'archs': len(ModelRegistry.models)}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert env["SGLANG_EXTERNAL_MODEL_PACKAGE"] == "fast_dvlm_sglang.sglang_plugin.models"
+    assert got["ours"] == "fast_dvlm_sglang.sglang_plugin.model"
+    # only what our model class itself builds on (Qwen2.5-VL's modules), not the whole package
+    assert 0 < len(got["before"]) < 20, got["before"]
+    assert got["other"] == "Qwen2ForCausalLM" and got["archs"] > 100
 
 def test_hooks_are_live(loaded):
     from sglang.srt.configs.model_config import is_multimodal_model

@@ -64,7 +64,7 @@ def test_video_patches_are_transformers_bit_for_bit(hf_processor, shape):
 
 def test_frame_bounds_are_the_ones_transformers_reads(hf_processor):
     from fast_dvlm_sglang.sglang_plugin.video_input import frame_bounds
-    from fast_dvlm_sglang.tokenizer import video_frame_bounds
+    from fast_dvlm_sglang.video import video_frame_bounds
 
     assert frame_bounds(hf_processor) == video_frame_bounds(DEMO_CHECKPOINT)
 
