@@ -36,6 +36,8 @@ from tokenizers import (
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
+from .video import video_frame_bounds
+
 __all__ = [
     "CHAT_TEMPLATE",
     "DEFAULT_SYSTEM_PROMPT",
@@ -393,8 +395,6 @@ def load_processor(model_dir: str | os.PathLike):
         tokenizer=tokenizer,
         chat_template=tokenizer.chat_template or CHAT_TEMPLATE,
     )
-    from .video import video_frame_bounds
-
     processor.video_frame_bounds = video_frame_bounds(model_dir)
     return processor
 
