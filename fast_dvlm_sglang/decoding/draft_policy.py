@@ -36,15 +36,16 @@ step's forward of the demo model is ~6 ms). A round costs one forward if no row 
 width 1) and two (draft + verify) otherwise, the rows of width 1 riding along in both.
 
 AR runs (`ar_run`): when the batch would run AR steps, a round may instead run r of them for
-each greedy, unconstrained request, to pay `per_round` once per r tokens. The request's block
-holds [seed, MASK x (r - 1)] and goes through r causal passes: each pass's token choices, shifted
-by one, become the next pass's inputs (Jacobi iteration), so after pass j the first j + 1 inputs
-are the AR continuation, and the r-th pass is the round's ordinary verify over inputs that are
-all the AR continuation: it accepts all r - 1 (equal in exact arithmetic; where two passes part
-in the last bits the verify accepts fewer, still AR's tokens). r forwards, r tokens: an AR run is
-AR steps (tokens/NFE 1), and it counts as AR steps for the acceptance estimate. It pays where
-`per_round` is large next to a forward (one request, a few) and loses where the extra tokens of
-r-token passes cost more than the bookkeeping saved (many requests): the cost model decides.
+each unconstrained request, to pay `per_round` once per r tokens: r AR steps in a row, each one
+token per request over the context and the steps before it (on the server SGLang DECODE forwards
+over the round's slots, `sglang_plugin/decode_steps.py`; a request with fewer steps repeats its
+last one), each choosing its token as an AR step does (argmax, or a sample from the request's
+own generator, with its logit adjustments). r forwards, r tokens: an AR run is AR steps
+(tokens/NFE 1, the same tokens and the same draws as r single steps), and it counts as AR steps
+for the acceptance estimate. A run of r costs r steps and one `per_round` (`run_seconds`); it
+pays wherever the bookkeeping is a real share of a step, and the policy takes the length with
+the most tokens per second if it beats single steps by the margin. (What a run costs a new
+request: its context pass waits for the round's r steps, as it waits for one step otherwise.)
 
 `choose_widths` picks one width per request from `widths` (the block sizes Fast-dVLM was trained
 with, capped by each request's budget and the block size) to maximise the batch's expected
@@ -222,20 +223,17 @@ class DraftPolicy:
                 AcceptanceEstimate(workload.successes * self.seed_decay, workload.trials * self.seed_decay))
 
     def ar_run(self, contexts: list[int], budgets: list[int], eligible: list[bool]) -> int:
-        """How many AR steps a round of AR steps runs for each `eligible` request (greedy,
-        unconstrained, not pinned; the rest take one): 1, or the run length in 2, 4, 8, ..
-        `max_ar_run` that maximises the batch's tokens per second, if that beats single steps by
+        """How many AR steps a round of AR steps runs for each `eligible` request (unconstrained,
+        not pinned; the rest take one): 1, or the run length in 2, 4, 8, .. `max_ar_run` that
+        maximises the batch's tokens per second (`run_seconds`), if that beats single steps by
         the policy's margin. Each eligible request's run is capped by its budget."""
         if self.fixed_width is not None or self.max_ar_run < 2 or not any(eligible):
             return 1
-        n = len(contexts)
         caps = [max(1, b) for b in budgets]
 
         def value(r: int) -> float:
             widths = [min(r, c) if e else 1 for e, c in zip(eligible, caps)]
-            tokens = sum(widths)
-            pairs = float(sum(w * (c + w) for w, c in zip(widths, contexts)))
-            return tokens / (self.cost.per_round + max(widths) * self.cost.seconds(tokens, n, pairs))
+            return sum(widths) / run_seconds(self.cost, widths, contexts)
 
         single = value(1)
         best_r, best = 1, single * (1.0 + self.margin)
@@ -280,6 +278,16 @@ def expected_tokens(p: float, width: int) -> float:
     if p >= 1.0:
         return float(width)
     return (1.0 - p ** width) / (1.0 - p)
+
+
+def run_seconds(cost: ForwardCost, widths: list[int], contexts: list[int]) -> float:
+    """A round of AR steps in which row i runs `widths[i]` of them (an AR run, or 1): max(widths)
+    one-token-per-row steps, row i's step j attending its context and the j tokens before it (a
+    row past its end repeats its last step), plus the engine's per-round bookkeeping once."""
+    n = len(widths)
+    steps = sum(cost.seconds(n, n, float(sum(c + 1 + min(j, w - 1) for w, c in zip(widths, contexts))))
+                for j in range(max(widths)))
+    return cost.per_round + steps
 
 
 def round_seconds(cost: ForwardCost, widths: list[int], contexts: list[int]) -> float:

@@ -69,21 +69,23 @@ def spec_decode(session, out, params, generator, *, block_size: int, mask_id: in
             length = max(1, min(block_size, out.remaining))
         else:
             length = policy.choose([estimate], [session.cache.length], [out.remaining])[0]
-            if length == 1 and params.temperature <= 0:
+            if length == 1 and params.temperature <= 0:  # (seeded sampling takes single steps, as served)
                 length = policy.ar_run([session.cache.length], [out.remaining], [True])
                 ar_run = length > 1
         if ar_run:
-            # An AR run (`draft_policy.py`): length - 1 causal passes, each pass's choices shifted
-            # by one become the next inputs; the verify below then runs over AR's own tokens.
-            produced = len(out.tokens)
-            tokens = torch.cat([seed, torch.full((length - 1,), mask_id, dtype=torch.long, device=device)])
-            for _ in range(length - 1):
-                logits = session.forward(tokens, bidirectional=False, write=False)
-                choice = sample_tokens(adjust_logits(logits, params, produced, stop_token_ids, history=out.tokens,
-                                                     row_tokens=tokens[1:]), greedy)[0]
-                tokens = torch.cat([seed, choice[:-1]])
-            draft = tokens[1:]
-        elif length > 1:
+            # An AR run (`draft_policy.py`): `length` AR steps in one round, each one causal
+            # forward of the last token (writing its KV) choosing the next as an AR step does.
+            steps: list[int] = []
+            for _ in range(length):
+                logits = session.forward(seed, bidirectional=False, write=True)
+                seed = sample_tokens(adjust_logits(logits, params, len(out.tokens) + len(steps), stop_token_ids,
+                                                   history=out.tokens + steps), params, generator)[0].view(1)
+                steps.extend(seed.tolist())
+            accepted.append(length - 1)
+            estimate = policy.update(estimate, 0, length - 1, steps=length)
+            out.extend(steps)
+            continue
+        if length > 1:
             masks = torch.full((length - 1,), mask_id, dtype=torch.long, device=device)
             draft_logits = session.forward(torch.cat([seed, masks]), bidirectional=True, write=False)
             produced = len(out.tokens)  # the seed's successor is output token number `produced`
@@ -101,8 +103,8 @@ def spec_decode(session, out, params, generator, *, block_size: int, mask_id: in
         k = int(k[0])
         session.cache.truncate(base + 1 + k)  # keep the seed and the accepted draft tokens
         accepted.append(k)
-        if policy is not None:  # an AR run drafted nothing: its k + 1 tokens are AR steps
-            estimate = policy.update(estimate, 0 if ar_run else length - 1, k, steps=k + 1)
+        if policy is not None:
+            estimate = policy.update(estimate, length - 1, k, steps=k + 1)
         out.extend(new[: k + 1].tolist())
         seed = new[k : k + 1]
     return accepted

@@ -27,9 +27,9 @@ Configuration (`--dllm-algorithm-config` YAML, validated at startup by `policy_f
   steps in a row before a request is probed again;
 - `draft_margin`: how much faster a drafting round must be expected to be than a round of AR
   steps (0.1: 10%) before the batch drafts;
-- `max_ar_run`: the most AR steps one round runs for a greedy request when the batch runs AR
-  steps (`DraftPolicy.ar_run`: r causal passes over r slots, paying the scheduler's per-round
-  bookkeeping once per r tokens; default 8, 1 turns AR runs off).
+- `max_ar_run`: the most AR steps one round runs for a request when the batch runs AR steps
+  (`DraftPolicy.ar_run`: r DECODE steps over r slots, `decode_steps.py`, paying the scheduler's
+  per-round bookkeeping once per r tokens; default 8, 1 turns AR runs off).
 With `cuda_graph: true` every row keeps the full block (SGLang's dLLM decode graphs are captured
 for `block_size` slots per request): the policy then only decides, per round, whether the batch
 drafts at all (a round of AR steps skips the draft pass), and runs no AR runs (each of their
@@ -165,8 +165,12 @@ def choose_round_widths(scheduler, reqs) -> list[int]:
         slots = [cfg.block_size] * len(rows)
     else:
         if all(w == 1 for w in widths):  # a round of AR steps: AR runs where they pay
-            eligible = [s.greedy and s.draft_length is None and s.grammar is None and r.grammar is None
-                        for r, s in zip(rows, states)]
+            # Not: a pinned request, a grammar (its matcher must accept each step's token before
+            # the next step's mask: a host round trip per token), a seeded sampling request (its
+            # rounds' boundaries decide when it is probed, a probe draws its generator otherwise,
+            # and the run length depends on the batch: the same seed must give the same answer).
+            eligible = [s.draft_length is None and s.grammar is None and r.grammar is None
+                        and (s.greedy or s.sampling_seed is None) for r, s in zip(rows, states)]
             run = policy.ar_run([r.seqlen - 1 for r in rows], [s.budget for s in states], eligible)
             if run > 1:
                 widths = [min(run, s.budget) if e else 1 for s, e in zip(states, eligible)]

@@ -175,7 +175,7 @@ def inputs_prepared() -> Iterator[None]:
         _INPUTS_PREPARED.reset(token)
 
 
-def _mrope_delta(mm) -> int:
+def mrope_delta(mm) -> int:
     # mrope_position_delta is a host tensor (set by the processor): no device sync.
     if mm is None or getattr(mm, "mrope_position_delta", None) is None:
         return 0
@@ -203,7 +203,7 @@ def set_extend_mrope_positions(forward_batch) -> None:
     pos = forward_batch.positions.to(torch.long)
     if mode.is_dllm_extend():
         # A block starts at or after the end of its prompt: every position is past the table.
-        deltas = torch.repeat_interleave(torch.tensor([_mrope_delta(mm) for mm in mm_inputs], dtype=torch.long),
+        deltas = torch.repeat_interleave(torch.tensor([mrope_delta(mm) for mm in mm_inputs], dtype=torch.long),
                                          torch.tensor(list(lens), dtype=torch.long))
         forward_batch.mrope_positions = (pos + copy_to_device(deltas, pos.device)).unsqueeze(0).repeat(3, 1)
         return
@@ -216,7 +216,7 @@ def set_extend_mrope_positions(forward_batch) -> None:
             inside = seg < table.shape[1]
             from_table = table[:, seg.clamp(max=table.shape[1] - 1)]
             out[:, start:start + n] = torch.where(inside.unsqueeze(0), from_table,
-                                                  (seg + _mrope_delta(mm)).unsqueeze(0))
+                                                  (seg + mrope_delta(mm)).unsqueeze(0))
         start += n
     forward_batch.mrope_positions = out
 

@@ -27,9 +27,11 @@ Per request (SGLang's separate-context-encoding flow plus the scheduler step of
    A row uses L = min(w, budget) verify tokens (the budget: tokens the request may still emit
    after the seed; the scheduler already caps w by it), so draft_len = L - 1: exactly the
    reference decoder's round of that width. When no row drafts (L == 1 everywhere: a batch of
-   AR steps) the draft pass is skipped. A request whose seed ends it (EOS, stop, last token of
-   the budget) runs no further round. One host sync per round: the packed accept lengths, next
-   seeds and drafts.
+   AR steps; or AR runs, `draft_length.py`) the round runs its steps as SGLang DECODE forwards
+   over its slots (`_ar_steps`, `decode_steps.py`; under CUDA graphs one causal block forward,
+   the verify pass alone). A request whose seed ends it (EOS, stop, last token of the budget)
+   runs no further round. One host sync per round: the packed accept lengths, next seeds and
+   drafts (a round of AR steps: its tokens).
 
 Rows of different widths share the forwards: SGLang's extend metadata (`extend_seq_lens`) is per
 row, only the positions SGLang lays out for a dLLM batch assume `block_size` slots per request,
@@ -80,7 +82,7 @@ from fast_dvlm_sglang.decoding.sampling import SamplingParams, adjust_logits, sa
 from fast_dvlm_sglang.decoding.spec import accept_longest_prefix
 
 from . import SPEC_ALGORITHM_NAME as ALGORITHM_NAME
-from . import structured_output
+from . import decode_steps, structured_output
 from .algorithm import require_fdfo
 from .attention_modes import algorithm_config, causal_pass, check_graph_runner
 from .draft_length import POLICY_KEYS, policy_from_config
@@ -253,6 +255,30 @@ def choose_tokens(logits: torch.Tensor, states: list[SpecState], starts: list[in
     return tokens
 
 
+def choose_step(logits: torch.Tensor, states: list[SpecState], step: int,
+                previous: list[torch.Tensor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Tokens [n] of AR step `step` of a round without drafts, from its logits [n, V] (one
+    position for each of the n rows stepping): argmax, or for a row that samples or adjusts its
+    logits its own choice given the tokens its earlier steps chose (`previous[i]`, [step]: the
+    penalties count them, min_new_tokens counts `produced + step`). Also returns the adjusted
+    logits [1, V] of the rows that have them (what their logprobs are read from)."""
+    tokens = logits.argmax(dim=-1)
+    adjusted = {}
+    vocab = logits.shape[-1]
+    for i, state in enumerate(states):
+        adjusts = state.penalizes or bool(state.logit_bias) or state.min_new_tokens > state.produced + step
+        if state.greedy and not adjusts:
+            continue
+        row = logits[i:i + 1]
+        if adjusts:
+            row = adjust_logits(row.expand(step + 1, vocab), state.params(vocab), state.produced, state.stop_token_ids,
+                                history=state.history, row_tokens=previous[i] if step else None)[-1:]
+            adjusted[i] = row
+        tokens[i] = (row.argmax(dim=-1) if state.greedy else
+                     sample_tokens(row, state.params(vocab), state.generator)[0])[0]
+    return tokens, adjusted
+
+
 def logprob_tensors(rows: torch.Tensor, state: SpecState, tokens: torch.Tensor) -> torch.Tensor:
     """[n, 1 + 2N] for `rows` [n, V], the logits a row chose `tokens` [n] from (after AR's
     adjustments and its grammar's mask): per position the chosen token's logprob, the top N
@@ -342,6 +368,8 @@ class FastDVLMSpeculative(DllmAlgorithm):
             raise ValueError(f"{ALGORITHM_NAME} needs block_size >= 2, got {self.block_size}")
         check_algorithm_config(config.algorithm_config, self.block_size)
         self.constrain_drafts = bool((config.algorithm_config or {}).get("constrain_drafts", True))
+        # Under CUDA graphs a round of AR steps stays one causal block forward (`decode_steps.py`).
+        self.graph_mode = bool((config.algorithm_config or {}).get("cuda_graph", False))
 
     @classmethod
     def configure_server_args(cls, server_args) -> None:
@@ -438,7 +466,15 @@ class FastDVLMSpeculative(DllmAlgorithm):
         # capped by the budget left after the seed (the reference decoder's `length`).
         slots = [int(n) for n in forward_batch.extend_seq_lens_cpu]
         lengths = [max(1, min(n, s.width or n, s.budget)) for s, n in zip(states, slots)]
-        starts, row_index, positions = round_layout(slots, [int(p) for p in forward_batch.extend_prefix_lens_cpu])
+        prefix_lens = [int(p) for p in forward_batch.extend_prefix_lens_cpu]
+        starts, row_index, positions = round_layout(slots, prefix_lens)
+        if max(lengths) == 1 or any(s.ar_run for s in states):  # no row drafts
+            if not self.graph_mode and decode_steps.usable(model_runner, forward_batch):
+                # The round's steps are AR decode steps (`decode_steps.py`).
+                return self._ar_steps(model_runner, forward_batch, states, lengths, starts, prefix_lens)
+            # No decode forwards here (DP attention; CUDA graphs run no AR runs): one AR step
+            # each, the verify pass alone over the seeds (the rest of a run's slots are freed).
+            lengths = [1] * bs
         width = max(slots)
         host = torch.tensor([s.seed for s in states] + lengths + row_index + positions, dtype=torch.long)
         table = copy_to_device(host, forward_batch.input_ids.device)  # one copy for the round
@@ -461,24 +497,7 @@ class FastDVLMSpeculative(DllmAlgorithm):
             # Skipped when no row drafts (a batch of AR steps: each needs its seed's successor only).
             ids.fill_(self.mask_id)
             ids.index_copy_(0, first, seeds.to(ids.dtype))
-            ar_run = any(s.ar_run for s in states)
-            if ar_run:
-                # An AR run: passes 1 .. w-1 are causal; each pass's choices at positions j-1
-                # (shifted by one) become the inputs at j, so after pass j the first j + 1 inputs
-                # are the AR continuation and the verify pass below, over inputs that are all
-                # AR's, accepts them all (rows of width 1 ride along).
-                with causal_pass():
-                    for _ in range(max(lengths) - 1):
-                        prepare_block_embeds(model_runner, forward_batch)
-                        out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
-                        forward_batch.mark_forward_metadata_ready(replan_equivalent=True)
-                        pass_logits = out.logits_output.full_logits
-                        shifted = pass_logits.argmax(dim=-1)
-                        for state, start, n in zip(states, starts, lengths):
-                            if state.adjusts_logits and n > 1:
-                                shifted[start:start + n] = adjusted_rows(pass_logits, state, start, n, ids).argmax(dim=-1)
-                        ids[1:] = torch.where(is_start[1:], ids[1:], shifted.to(ids.dtype)[:-1])
-            elif max(lengths) > 1:
+            if max(lengths) > 1:
                 prepare_block_embeds(model_runner, forward_batch)
                 out = model_runner.forward(forward_batch, pp_proxy_tensors=None)
                 # The verify pass attends over the same slots and context: the attention metadata
@@ -525,12 +544,64 @@ class FastDVLMSpeculative(DllmAlgorithm):
         for state, row, length, m, lp in zip(states, packed, lengths, walked, logprobs):
             k = int(row[0])
             commits.append(row[2:2 + k] + row[1:2])  # d_1..d_k, the next seed
-            # NFE as the reference counts it: the forwards this row needed (no draft at length 1;
-            # an AR run: one per step).
-            nfe = length if state.ar_run else 1 + (length > 1)
+            nfe = 1 + (length > 1)  # as the reference counts it: no draft pass at length 1
             states_out.append(dataclasses.replace(state, seed=int(row[1]), rounds=state.rounds + 1, width=length,
                                                   nfe=state.nfe + nfe, grammar_walked=m,
                                                   logprob_rows=lp[:k + 1]))
+        return out.logits_output, commits, [len(c) for c in commits], states_out, out.can_run_graph
+
+    def _ar_steps(self, model_runner, forward_batch, states: list[SpecState], lengths: list[int], starts: list[int],
+                  prefix_lens: list[int]):
+        """A round without drafts: row i runs `lengths[i]` AR steps (1, or an AR run) as SGLang
+        DECODE forwards over the round's slots (`decode_steps.py`; step j holds the rows with more
+        than j steps), each step choosing the row's next token as an AR step does (its own
+        sampling, adjustments and grammar); commits them all. One host sync for the round."""
+        bs, steps = len(states), max(lengths)
+        device = forward_batch.input_ids.device
+        plan = decode_steps.StepPlan.of(prefix_lens, lengths, starts)
+        deltas = decode_steps.mrope_deltas(forward_batch)
+        host = torch.tensor([s.seed for s in states] + (deltas or []) + plan.table, dtype=torch.long)
+        table = copy_to_device(host, device)  # one copy for the round
+        last = table[:bs].to(forward_batch.input_ids.dtype)  # each row's latest token: its next input
+        delta = table[bs:2 * bs] if deltas is not None else None
+        steps_table = table[bs + len(deltas or []):]
+        tokens = torch.zeros((bs, steps), dtype=torch.long, device=device)  # [row, step]: its choices
+        constrained = [i for i, s in enumerate(states) if structured_output.usable(s.grammar)]
+        walk = None
+        logprob_parts: list[list[torch.Tensor]] = [[] for _ in states]
+        out = None
+        for j, step in enumerate(plan.steps):
+            rows, slots, pos, seq = (steps_table[a:b] for a, b in step.spans)
+            everyone = len(step.rows) == bs  # (step 0 always)
+            inputs = last if everyone else last[rows]
+            fb = decode_steps.decode_batch(forward_batch, model_runner, inputs, slots, pos, seq, step.seq_lens,
+                                           None if delta is None else (delta if everyone else delta[rows]),
+                                           rows=None if everyone else (rows, step.rows))
+            out = model_runner.forward(fb, pp_proxy_tensors=None)
+            logits = out.logits_output.next_token_logits  # [rows, V]: each stepping row's next token
+            if j == 0 and constrained:  # grammar rows take one step (`draft_length.py`): its mask
+                walk = self._walk_grammars(states, list(range(bs)), [1] * bs, constrained, inputs, logits)
+                structured_output.apply(logits, states[constrained[0]].grammar, walk.mask)
+            stepping = [states[i] for i in step.rows]
+            chosen, adjusted = choose_step(logits, stepping, j, [tokens[i, :j] for i in step.rows])
+            for at, (i, s) in enumerate(zip(step.rows, stepping)):
+                if s.top_logprobs is not None:
+                    logprob_parts[i].append(logprob_tensors(adjusted.get(at, logits[at:at + 1]), s, chosen[at:at + 1]))
+            if everyone:
+                tokens[:, j] = chosen
+                last = chosen.to(last.dtype)
+            else:
+                tokens[:, j].index_copy_(0, rows, chosen)
+                last = last.index_copy(0, rows, chosen.to(last.dtype))
+        packed = tokens.tolist()  # the sync
+        logprobs = logprob_rows([torch.cat(p) if p else None for p in logprob_parts])
+        walked = walk.walked if walk is not None else [None] * bs
+        commits, states_out = [], []
+        for state, row, length, m, lp in zip(states, packed, lengths, walked, logprobs):
+            commits.append(row[:length])  # the steps' tokens; the last is the next seed
+            states_out.append(dataclasses.replace(state, seed=int(row[length - 1]), rounds=state.rounds + 1,
+                                                  width=length, nfe=state.nfe + length, grammar_walked=m,
+                                                  logprob_rows=lp[:length]))
         return out.logits_output, commits, [len(c) for c in commits], states_out, out.can_run_graph
 
     def _walk_grammars(self, states, starts, lengths, constrained, ids, logits, adjusted=None, shifted=None):

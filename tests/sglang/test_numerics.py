@@ -100,3 +100,28 @@ def test_spec_equals_ar_up_to_near_ties(servers):
     failures = [(i, str(v)) for i, v in enumerate(verdicts) if not v.ok]
     assert not failures, failures
     assert noise.bound < report["ar_median_top2_gap"] / 10  # the bound is far below a real gap
+
+
+def test_ar_steps_are_ars_decode_steps_bit_for_bit(servers):
+    """Spec's AR steps run SGLang's own decode forward (`sglang_plugin/decode_steps.py`), so a
+    request pinned to AR steps (`custom_params: {draft_length: 0}`) gets AR's answer exactly, with
+    no near-tie allowance even in bfloat16: one request at a time on both servers (the same
+    batch shapes), both prefix caches flushed first and fed the same requests in the same order
+    (the same cached prefixes), images included."""
+    from fast_dvlm_sglang.server_parity import generate
+
+    dtype, ar, spec, logs = servers
+    processor = load_processor(DEMO_CHECKPOINT)
+    prompts = demo_prompts(processor, PROMPT_SEED + 1, 8, MAX_TOKENS)
+    for server in (ar, spec):
+        assert httpx.post(server.base_url + "/flush_cache", timeout=60).status_code == 200
+    for i, p in enumerate(prompts):
+        body = {"text": p.text, "sampling_params": {"max_new_tokens": p.max_new_tokens, "temperature": 0}}
+        if p.image is not None:
+            body["image_data"] = p.image
+        want = generate(ar, body)["output_ids"]
+        body["sampling_params"]["custom_params"] = {"draft_length": 0}
+        got = generate(spec, body)
+        assert got["output_ids"] == want, (dtype, i)
+        assert set(got["meta_info"]["dllm_draft_length"]) == {0}
+        assert got["meta_info"]["dllm_nfe"][-1] == len(want) - 1  # one forward per token after the first

@@ -80,8 +80,8 @@ class FakeForwardBatch(SimpleNamespace):
         from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
         super().__init__(**fields)
-        for name in ("mark_forward_metadata_ready", "needs_forward_metadata_init"):
-            setattr(self, name, getattr(ForwardBatch, name).__get__(self))
+        for name in ("mark_forward_metadata_ready", "needs_forward_metadata_init"):  # methods: copies keep them
+            setattr(type(self), name, getattr(ForwardBatch, name))
 
 
 class FakeRunner:
@@ -92,9 +92,11 @@ class FakeRunner:
     decode_cuda_graph_runner.py `load_batch`: only when `needs_forward_metadata_init()`) and
     counts the plans (`metadata_inits`)."""
 
-    def __init__(self, wrong_every: int = 5, hard_from: int | None = None):
+    def __init__(self, wrong_every: int = 5, hard_from: int | None = None, req_to_token=None):
         self.wrong_every = wrong_every
         self.hard_from = hard_from  # every draft token at this position or later is wrong
+        self.req_to_token = req_to_token  # the pool's table: a decode step's KV slots are checked against it
+        # (round forward: DLLM_EXTEND or an AR step's DECODE, causal, input shape, ids, tokens per row, DECODE)
         self.calls: list[tuple] = []
         self.metadata_inits = 0
 
@@ -104,12 +106,25 @@ class FakeRunner:
         if fb.needs_forward_metadata_init():
             self.metadata_inits += 1
 
+        decode = fb.forward_mode.is_decode()
         # A causal DLLM_EXTEND forward (the verify pass), as the model itself decides.
-        causal = fb.forward_mode.is_dllm_extend() and not runs_bidirectional(fb)
+        causal = decode or (fb.forward_mode.is_dllm_extend() and not runs_bidirectional(fb))
         ids, pos = fb.input_ids.clone().long(), fb.positions.long()
         rows = getattr(fb, "extend_seq_lens", None)
         rows = [ids.numel() // fb.batch_size] * fb.batch_size if rows is None else rows.tolist()
-        self.calls.append((fb.forward_mode.is_dllm_extend(), causal, tuple(fb.input_ids.shape), ids, rows))
+        self.calls.append((fb.forward_mode.is_dllm_extend() or decode, causal, tuple(fb.input_ids.shape), ids, rows,
+                           decode))
+        if decode:
+            # SGLang's decode step: one token per row at `positions`, attending `seq_lens` keys
+            # (itself the last), its KV written to the slot the request's row maps its position to.
+            assert fb.extend_seq_lens is None and fb.extend_prefix_lens_cpu is None
+            assert torch.equal(fb.seq_lens.long(), pos + 1) and fb.seq_lens_sum == int(fb.seq_lens_cpu.sum())
+            assert torch.equal(fb.seq_lens_cpu.long(), fb.seq_lens.long())
+            if self.req_to_token is not None:
+                slots = self.req_to_token[fb.req_pool_indices.long(), pos]
+                assert torch.equal(fb.out_cache_loc.long(), slots.long()), "a decode step writes another slot"
+            logits = torch.nn.functional.one_hot(nxt(ids, pos), V).float() * 10
+            return SimpleNamespace(logits_output=SimpleNamespace(next_token_logits=logits), can_run_graph=False)
         if not fb.forward_mode.is_dllm_extend():
             ends = torch.cumsum(fb.extend_seq_lens, 0) - 1
             logits = torch.nn.functional.one_hot(nxt(ids[ends], pos[ends]), V).float() * 10
@@ -227,11 +242,12 @@ class Harness:
 
         self.sched = FakeScheduler()
         self.algo = FastDVLMSpeculative(self.dllm_config)
-        self.runner = FakeRunner(wrong_every, hard_from)
+        self.runner = FakeRunner(wrong_every, hard_from, req_to_token=self.pool.req_to_token)
         self.reqs: list = []  # live: in the dLLM manager's queues
         self.staging: list = []  # ran in the last batch
         self.done: list = []
         self.freed_by_round: list[int] = []
+        self.forwards_by_round: list[list[bool]] = []
 
     # -- requests --
     def add(self, prompt: list[int], max_new_tokens: int, eos: set[int] = frozenset(), rid: str | None = None,
@@ -304,14 +320,19 @@ class Harness:
                               batch_size=len(batch_reqs), sampling_info=None, mrope_positions=None,
                               extend_seq_lens=torch.tensor([r.extend_len for r in batch_reqs]),
                               extend_seq_lens_cpu=[r.extend_len for r in batch_reqs],
-                              extend_prefix_lens_cpu=[r.prefix_len for r in batch_reqs])
+                              extend_prefix_lens_cpu=[r.prefix_len for r in batch_reqs],
+                              req_pool_indices=batch.req_pool_indices, seq_lens=batch.seq_lens,
+                              seq_lens_cpu=batch.seq_lens_cpu, out_cache_loc=batch.out_cache_loc)
         free_before = self.alloc.available_size()
+        calls_before = len(self.runner.calls)
         _, next_ids, accept, states, graph = self.algo.run(self.runner, fb, [r.dllm_algo_state for r in batch_reqs])
         result = SimpleNamespace(copy_done=None, next_token_ids=next_ids, accept_length_per_req_cpu=accept,
                                  dllm_algo_state=states, can_run_cuda_graph=graph)
         self.sched.process_batch_result_dllm(batch, result)
         if not prefill:
             self.freed_by_round.append(self.alloc.available_size() - free_before)
+            # per round: its forwards, True for each DECODE step (`decode_steps.py`)
+            self.forwards_by_round.append([c[5] for c in self.runner.calls[calls_before:]])
         self.staging = list(batch_reqs)
         self.check_invariants()
         return "context" if prefill else "round"
@@ -876,9 +897,10 @@ def test_planning_is_skipped_only_where_sglang_checks_the_marker():
     from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
     from sglang.srt.model_executor.runner.eager_runner import EagerRunner
 
-    eager = inspect.getsource(EagerRunner._execute_extend)
-    assert "forward_batch.needs_forward_metadata_init()" in eager
-    assert eager.index("needs_forward_metadata_init()") < eager.index("init_forward_metadata(")
+    for method in (EagerRunner._execute_extend, EagerRunner._execute_decode):  # (decode: `decode_steps.py`)
+        eager = inspect.getsource(method)
+        assert "forward_batch.needs_forward_metadata_init()" in eager, method.__name__
+        assert eager.index("needs_forward_metadata_init()") < eager.index("init_forward_metadata("), method.__name__
     assert "if not forward_batch.needs_forward_metadata_init():" in inspect.getsource(DecodeCudaGraphRunner.load_batch)
 
 
@@ -1025,16 +1047,19 @@ def adjusted_oracle(prompt: list[int], n: int, eos: set[int], **options) -> list
     return out
 
 
-@pytest.mark.parametrize("draft_length", [None, 0, 3, 7])
+@pytest.mark.parametrize("draft_length", [None, 0, 3, 7, "runs"])
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_logit_adjustments_apply_at_every_verify_position(sgl, draft_length, page_size):
     """logit_bias, min_new_tokens and the penalties are AR's at each position of a round: five
     requests in the same rounds (a bias that moves the answer, a min_new_tokens that holds the EOS
     off, neither, frequency + presence penalties, a repetition penalty) each equal AR with its own
-    adjustments, at every draft length and the adaptive policy. Biases rank the replacements
-    strictly (no argmax ties); the fake LM's logits are one-hot x 10."""
-    config = {} if draft_length is None else {"draft_length": draft_length}
-    h = Harness(page_size, algorithm_config=config)
+    adjustments, at every draft length, the adaptive policy and AR runs (several DECODE steps
+    per round, each counting the steps before it). Biases rank the replacements strictly (no
+    argmax ties); the fake LM's logits are one-hot x 10."""
+    if draft_length == "runs":  # drafts that never land, a dear round: AR runs after the probe
+        h = Harness(page_size, algorithm_config=AR_RUN_CONFIG, wrong_every=10_000, hard_from=0)
+    else:
+        h = Harness(page_size, algorithm_config={} if draft_length is None else {"draft_length": draft_length})
     prompt = [3, 1, 4, 1, 5]
     free = oracle(prompt, 40, set())
     banned = free[2]  # the third answer token: the bias pushes it below 0, token 7 wins instead
@@ -1066,6 +1091,8 @@ def test_logit_adjustments_apply_at_every_verify_position(sgl, draft_length, pag
     assert biased != free and banned not in biased[:3]  # the bias changed the answer
     assert plain == free[:2] and len(held) >= 12 and eos not in held[:12]
     assert h.alloc.available_size() == h.initial_free
+    if draft_length == "runs":
+        assert any(len(steps) > 2 and all(steps) for steps in h.forwards_by_round)
 
 
 def test_requests_pin_their_own_draft_length_in_one_batch(sgl):
@@ -1193,11 +1220,50 @@ def test_ar_runs_are_ar_steps_in_fewer_rounds(sgl, page_size):
         # one forward per token after the seed, plus the draft pass of each drafting round
         assert info["dllm_nfe"][-1] == len(req.output_ids) - 1 + drafting, req.rid
     assert runs >= 8
-    # a run: consecutive causal passes with no draft pass between them, rows of several widths
-    dllm = [c for c in h.runner.calls if c[0]]
-    assert any(all(c[1] for c in dllm[i:i + h.block_size]) and max(dllm[i][4]) == h.block_size and
-               min(dllm[i][4]) == 1 for i in range(len(dllm)))
+    # a run: one round of consecutive DECODE steps of the whole batch (rows of several lengths,
+    # the shorter repeating their last step), no extend forward in it
+    assert any(steps == [True] * h.block_size for steps in h.forwards_by_round)
+    assert all(all(steps) or not any(steps) for steps in h.forwards_by_round)
+    for c in h.runner.calls:
+        if c[5]:
+            assert c[2] == (len(c[4]),) and set(c[4]) == {1}  # one token per row
     h.check_drained() if h.radix else None
+    assert h.alloc.available_size() == h.initial_free
+
+
+def test_unseeded_sampling_runs_and_seeded_sampling_steps_alone(sgl):
+    """AR runs draw each step from the request's own sampler, so an unseeded sampling request
+    runs them; a seeded one takes single steps (a run's length depends on the batch, and its
+    seed must give the same answer under any traffic). At temperature 0.01 on the fake LM's
+    logits (one-hot x 10) a draw is the argmax but for odds of e^-1000: both are the AR truth."""
+    h = Harness(1, algorithm_config=AR_RUN_CONFIG, wrong_every=10_000, hard_from=0)
+    prompts = [[3, 1, 4, 1, 5], list(range(2, 11))]
+    unseeded = h.add(prompts[0], max_new_tokens=30, temperature=0.01)
+    seeded = h.add(prompts[1], max_new_tokens=30, temperature=0.01, sampling_seed=5)
+    h.run()
+    assert _ids(unseeded) == oracle(prompts[0], 30, set()) and _ids(seeded) == oracle(prompts[1], 30, set())
+    assert max(unseeded.customized_info["dllm_ar_steps"]) == h.block_size
+    assert max(seeded.customized_info["dllm_ar_steps"]) == 1
+    assert h.alloc.available_size() == h.initial_free
+
+
+def test_without_decode_forwards_a_round_of_ar_steps_takes_one_step(sgl, monkeypatch):
+    """Where decode forwards cannot run (DP attention: every rank agreed on the round's extend
+    token counts), a round the policy made an AR run runs one AR step per row, the verify pass
+    alone over the seeds, and frees the rest of the run's slots: the AR truth, one token per row
+    and round, the pool exact after every round and drained at the end."""
+    from fast_dvlm_sglang.sglang_plugin import decode_steps
+
+    monkeypatch.setattr(decode_steps, "usable", lambda model_runner, forward_batch: False)
+    h = Harness(4, algorithm_config=AR_RUN_CONFIG, wrong_every=10_000, hard_from=0)
+    prompts = [[3, 1, 4, 1, 5], list(range(1, 12))]
+    reqs = [h.add(p, max_new_tokens=30) for p in prompts]
+    h.run()
+    for req, prompt in zip(reqs, prompts):
+        assert _ids(req) == oracle(prompt, 30, set())
+        rounds = req.customized_info["dllm_spec_round"]
+        assert all(rounds.count(r) == 1 for r, drafted in _rounds_of(req) if drafted == 0)
+    assert not any(c[5] for c in h.runner.calls)  # no DECODE forward
     assert h.alloc.available_size() == h.initial_free
 
 
