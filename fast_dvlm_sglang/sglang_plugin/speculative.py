@@ -67,6 +67,7 @@ Per-request state lives on the request; this object holds configuration only.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,6 +119,11 @@ class SpecState:
     top_p: float = 1.0
     top_k: int = 0  # 0: whole vocabulary
     sampling_seed: int | None = None
+    # The generator's seed of a sampling request without `sampling_seed`: derived from the
+    # request id and the server's random seed (`rank_shared_seed`), the same on every
+    # tensor-parallel rank, whose schedulers each draw the request's tokens (ranks that drew
+    # differently would feed different tokens into one all-reduced forward).
+    unseeded_seed: int | None = None
     generator: torch.Generator | None = field(default=None, compare=False, repr=False)
     # AR's logit adjustments and min-p (`decoding.sampling`), applied per verify position
     min_p: float = 0.0
@@ -210,10 +216,19 @@ class SpecState:
         if self.greedy or self.generator is not None:
             return self
         gen = torch.Generator(device=device)
-        # An unseeded request draws its seed from the OS: torch.seed() would reseed the process's
-        # global (and CUDA) generators on every such request.
-        gen.manual_seed(self.sampling_seed if self.sampling_seed is not None else secrets.randbits(63))
+        # An unseeded request without a rank-shared seed draws one from the OS: torch.seed() would
+        # reseed the process's global (and CUDA) generators on every such request.
+        seed = next((s for s in (self.sampling_seed, self.unseeded_seed) if s is not None), None)
+        gen.manual_seed(seed if seed is not None else secrets.randbits(63))
         return dataclasses.replace(self, generator=gen)
+
+
+def rank_shared_seed(rid: str, server_seed: int | None) -> int:
+    """A 63-bit generator seed for an unseeded sampling request: a hash of its id and the
+    server's `--random-seed`, equal on every rank (each rank's scheduler gets the same request)
+    and apart for different requests (SGLang gives each of n choices its own id)."""
+    digest = hashlib.blake2b(f"{server_seed}:{rid}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def stop_token_ids(req) -> set[int]:
@@ -416,7 +431,16 @@ class FastDVLMSpeculative(DllmAlgorithm):
             return error
         if not isinstance(req.dllm_algo_state, SpecState):
             top = int(getattr(logprob, "top_logprobs_num", 0) or 0) if req.return_logprob else None
-            req.dllm_algo_state = SpecState.from_request(sp, stop_token_ids(req), top_logprobs=top)
+            state = SpecState.from_request(sp, stop_token_ids(req), top_logprobs=top)
+            if not state.greedy and state.sampling_seed is None:
+                from sglang.srt.runtime_context import get_server_args
+
+                try:
+                    server_seed = get_server_args().random_seed
+                except ValueError:  # no published server args (outside a server)
+                    server_seed = None
+                state = dataclasses.replace(state, unseeded_seed=rank_shared_seed(req.rid, server_seed))
+            req.dllm_algo_state = state
         return None
 
     # ---- SGLang entry point ----------------------------------------------------------------

@@ -16,6 +16,7 @@ end every request's output equals the AR oracle and the pool is back to its init
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from array import array
 from types import SimpleNamespace
@@ -740,8 +741,9 @@ def test_validate_request_refuses_unsupported_features(sgl):
             stop_token_ids=[7])
     r.eos_token_ids = {2}
     assert FastDVLMSpeculative.validate_request(r) is None
-    assert r.dllm_algo_state == SpecState(temperature=0.7, min_p=0.1, logit_bias=((1, -1.0), (5, 0.5)),
-                                          min_new_tokens=3, stop_token_ids=(2, 7))
+    assert r.dllm_algo_state.unseeded_seed is not None  # unseeded: a rank-shared seed (test below)
+    assert dataclasses.replace(r.dllm_algo_state, unseeded_seed=None) == SpecState(
+        temperature=0.7, min_p=0.1, logit_bias=((1, -1.0), (5, 0.5)), min_new_tokens=3, stop_token_ids=(2, 7))
     r = req(temperature=0, min_p=0.3)  # greedy: min_p cannot change an argmax
     FastDVLMSpeculative.validate_request(r)
     assert r.dllm_algo_state == SpecState()
@@ -1245,6 +1247,25 @@ def test_unseeded_sampling_runs_and_seeded_sampling_steps_alone(sgl):
     assert max(unseeded.customized_info["dllm_ar_steps"]) == h.block_size
     assert max(seeded.customized_info["dllm_ar_steps"]) == 1
     assert h.alloc.available_size() == h.initial_free
+
+
+def test_unseeded_sampling_draws_alike_on_every_rank(sgl):
+    """Every tensor-parallel rank's scheduler admits the same request and draws its tokens with
+    its own generator: an unseeded sampling request's generator seed comes from its id (and the
+    server's random seed), so two ranks draw the same stream, another request another one; a
+    seeded request keeps its seed, a greedy one has no generator."""
+    rank0, rank1 = Harness(1, algorithm_config={}), Harness(1, algorithm_config={})
+    a0, a1 = (h.add([1, 2, 3], max_new_tokens=8, rid="req-a", temperature=1.0) for h in (rank0, rank1))
+    b0 = rank0.add([1, 2, 3], max_new_tokens=8, rid="req-b", temperature=1.0)
+    seeded = rank0.add([1, 2, 3], max_new_tokens=8, rid="req-c", temperature=1.0, sampling_seed=7)
+    greedy = rank0.add([1, 2, 3], max_new_tokens=8, rid="req-d")
+    assert a0.dllm_algo_state.unseeded_seed == a1.dllm_algo_state.unseeded_seed is not None
+    assert b0.dllm_algo_state.unseeded_seed != a0.dllm_algo_state.unseeded_seed
+    gens = [r.dllm_algo_state.with_generator("cpu").generator for r in (a0, a1, b0)]
+    draws = [torch.rand(8, generator=g).tolist() for g in gens]
+    assert draws[0] == draws[1] != draws[2]
+    assert seeded.dllm_algo_state.with_generator("cpu").generator.initial_seed() == 7
+    assert seeded.dllm_algo_state.unseeded_seed is None and greedy.dllm_algo_state.with_generator("cpu").generator is None
 
 
 def test_without_decode_forwards_a_round_of_ar_steps_takes_one_step(sgl, monkeypatch):
