@@ -209,9 +209,10 @@ def test_seeded_sampling_rows_choose_as_if_alone():
 def _run_value(cost, r, contexts, budgets, eligible):
     """Tokens per second of a round of AR steps in which each eligible row runs min(r, budget)."""
     widths = [min(r, max(1, b)) if e else 1 for e, b in zip(eligible, budgets)]
-    n, seconds = len(widths), cost.per_round
-    for j in range(max(widths)):  # one token per row per step; a row past its end repeats its last
-        seconds += cost.seconds(n, n, sum(c + 1 + min(j, w - 1) for w, c in zip(widths, contexts)))
+    seconds = cost.per_round
+    for j in range(max(widths)):  # one token per row per step; a row leaves after its last step
+        rows = [c for w, c in zip(widths, contexts) if w > j]
+        seconds += cost.seconds(len(rows), len(rows), sum(c + 1 + j for c in rows))
     return sum(widths) / seconds
 
 
@@ -221,8 +222,8 @@ def _run_value(cost, r, contexts, budgets, eligible):
        st.integers(1, 24), st.integers(0, 2**31 - 1))
 def test_ar_run_is_the_best_run_length_and_beats_single_steps_by_the_margin(cost, n, seed):
     """`ar_run` returns the run length in {1, 2, 4, 8} with the most tokens per second (a round
-    of max(min(r, budget)) one-token steps of the whole batch, the engine's per-round bookkeeping
-    paid once), and a run only where it beats single steps by the margin."""
+    of max(min(r, budget)) one-token steps, each of the rows with steps left, the engine's
+    per-round bookkeeping paid once), and a run only where it beats single steps by the margin."""
     rng = random.Random(seed)
     policy = DraftPolicy(block_size=32, cost=cost)
     contexts = [rng.randint(0, 4000) for _ in range(n)]

@@ -38,8 +38,8 @@ width 1) and two (draft + verify) otherwise, the rows of width 1 riding along in
 AR runs (`ar_run`): when the batch would run AR steps, a round may instead run r of them for
 each unconstrained request, to pay `per_round` once per r tokens: r AR steps in a row, each one
 token per request over the context and the steps before it (on the server SGLang DECODE forwards
-over the round's slots, `sglang_plugin/decode_steps.py`; a request with fewer steps repeats its
-last one), each choosing its token as an AR step does (argmax, or a sample from the request's
+over the round's slots, `sglang_plugin/decode_steps.py`; a request with fewer steps leaves the
+batch after its last), each choosing its token as an AR step does (argmax, or a sample from the request's
 own generator, with its logit adjustments). r forwards, r tokens: an AR run is AR steps
 (tokens/NFE 1, the same tokens and the same draws as r single steps), and it counts as AR steps
 for the acceptance estimate. A run of r costs r steps and one `per_round` (`run_seconds`); it
@@ -282,12 +282,13 @@ def expected_tokens(p: float, width: int) -> float:
 
 def run_seconds(cost: ForwardCost, widths: list[int], contexts: list[int]) -> float:
     """A round of AR steps in which row i runs `widths[i]` of them (an AR run, or 1): max(widths)
-    one-token-per-row steps, row i's step j attending its context and the j tokens before it (a
-    row past its end repeats its last step), plus the engine's per-round bookkeeping once."""
-    n = len(widths)
-    steps = sum(cost.seconds(n, n, float(sum(c + 1 + min(j, w - 1) for w, c in zip(widths, contexts))))
-                for j in range(max(widths)))
-    return cost.per_round + steps
+    steps of one token per row, step j holding the rows with more than j steps, each attending
+    its context and the j tokens before it; plus the engine's per-round bookkeeping once."""
+    seconds = cost.per_round
+    for j in range(max(widths)):
+        active = [c for w, c in zip(widths, contexts) if w > j]
+        seconds += cost.seconds(len(active), len(active), float(sum(c + 1 + j for c in active)))
+    return seconds
 
 
 def round_seconds(cost: ForwardCost, widths: list[int], contexts: list[int]) -> float:
