@@ -31,6 +31,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+from fast_dvlm_sglang.benchmarks.cost_table import FEATURES, loadable_nnls
 from fast_dvlm_sglang.config import resolve_model_dir
 from fast_dvlm_sglang.server_process import ServeProcess
 
@@ -84,7 +85,7 @@ def fit(rows: list[dict], long: int) -> dict:
     it decides on, and a fit of the times alone lets the cells with the longest rounds set them."""
     import numpy as np
 
-    names = ["base", "per_row", "per_token", "per_pair"]
+    names = list(FEATURES)
 
     def features(c, k, ctx):
         width = k + 1
@@ -100,13 +101,7 @@ def fit(rows: list[dict], long: int) -> dict:
             ratio = r["round_s"] / step[(c, ctx)]
             a.append(RATIO_WEIGHT * (features(c, k, ctx) - ratio * features(c, 0, ctx)) / r["round_s"])
             b.append(0.0)
-    a, b = np.array(a), np.array(b)
-    active = list(range(len(names)))
-    while True:  # drop negative coefficients until none is left (a small active-set NNLS)
-        x, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
-        if (x >= 0).all():
-            break
-        active.pop(int(np.argmin(x)))
+    active, x = loadable_nnls(np.array(a), np.array(b))
     coef = dict.fromkeys(names, 0.0)
     coef.update({names[i]: float(v) for i, v in zip(active, x)})
     vec = np.array([coef[n] for n in names])

@@ -60,24 +60,43 @@ def cells(forwards: list[dict]) -> list[dict]:
             for (c, b, w), v in sorted(out.items())]
 
 
+def loadable_nnls(a, b) -> tuple[list[int], list[float]]:
+    """min |a x - b| over x >= 0 whose `base` or `per_token` (columns in `FEATURES` order) is
+    positive, so that `ForwardCost` loads it. Exact: an NNLS optimum is the plain least squares on
+    its own support, so every support of the four features is tried (15 solves) and the best one
+    with no negative coefficient wins; `base` alone always qualifies on a design of times divided
+    by positive times. (A greedy drop-the-most-negative loop can end on `per_row` alone, which the
+    server cannot load: CI hit that with a tiny model's noisy timings.)"""
+    import itertools
+
+    import numpy as np
+
+    loadable = {FEATURES.index("base"), FEATURES.index("per_token")}
+    best = None
+    for size in range(1, len(FEATURES) + 1):
+        for support in itertools.combinations(range(len(FEATURES)), size):
+            x, *_ = np.linalg.lstsq(a[:, support], b, rcond=None)
+            if (x < 0).any() or not any(v > 0 for j, v in zip(support, x) if j in loadable):
+                continue
+            err = float(np.sum(np.square(a[:, support] @ x - b)))
+            if best is None or err < best[0]:
+                best = (err, list(support), [float(v) for v in x])
+    if best is None:
+        raise ValueError("no non-negative cost fit with base or per_token > 0 (are the times positive?)")
+    return best[1], best[2]
+
+
 def fit_cost(table: list[dict]) -> dict:
     """Non-negative least squares of seconds = features . coef in relative error (each row of the
-    design divided by its measured time); coefficients that come out negative are dropped and the
-    rest refitted until none is (a small active-set NNLS). Plus the RMS relative error of the times
+    design divided by its measured time; `loadable_nnls`), plus the RMS relative error of the times
     and of each drafting cell's ratio to its AR step (the policy compares widths by that ratio)."""
     import numpy as np
 
     a = np.array([features(r["batch_size"], r["width"], r["context"]) for r in table]) / \
         np.array([r["seconds"] for r in table])[:, None]
-    b = np.ones(len(table))
-    active = list(range(len(FEATURES)))
-    while True:
-        x, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
-        if (x >= 0).all() or len(active) == 1:
-            break
-        active.pop(int(np.argmin(x)))
+    active, x = loadable_nnls(a, np.ones(len(table)))
     coef = dict.fromkeys(FEATURES, 0.0)
-    coef.update({FEATURES[i]: max(0.0, float(v)) for i, v in zip(active, x)})
+    coef.update({FEATURES[i]: float(v) for i, v in zip(active, x)})
     vec = np.array([coef[n] for n in FEATURES])
 
     def predict(r):
