@@ -29,6 +29,35 @@ def _tokenizer():
     return tok
 
 
+# ---- Two pytest processes side by side (`make test-sglang`) --------------------------------------
+# A server start is ~35 s of CPU, nearly all SGLang's imports in its three processes, and a module's
+# servers then spend much of their time waiting on HTTP: one pytest process leaves ~40% of the two
+# cores idle (vmstat over test_spec_server, test_server and test_hostile_clients). `make
+# test-sglang` runs two, `-m "many_servers_side"` and `-m "not many_servers_side"`. Memory decides
+# the split: a live server holds ~2.6 GB (3 demo servers: 7.9 GB), so the modules that run three or
+# more server processes at once (marker `many_servers`) and the users of the session's demo
+# spec+AR pair (test_scale_out adds a two-rank server to it) are one side, run in that order (the
+# pair starts once the three-server modules are done, then lives to the end), and everything else
+# the other: at most ~3.5 live servers per side. Whole modules stay on one side, so module-scoped
+# servers start once; `spec_server_tiny` lives on the second side only. (pytest-xdist's
+# `--dist loadgroup` would do this split, but 3.8 cannot group under pytest 9.2:
+# pytest-dev/pytest-xdist#1386.)
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the marker added here
+def pytest_collection_modifyitems(config, items):
+    demo_pair, many = set(), set()
+    for item in items:
+        if "demo_spec_and_ar" in item.fixturenames:
+            demo_pair.add(item.module)
+        if item.get_closest_marker("many_servers"):
+            many.add(item.module)
+    # 0: many servers at once, 1: uses the demo pair, 2: the other side
+    rank = {item.module: 1 if item.module in demo_pair else 0 if item.module in many else 2 for item in items}
+    for item in items:
+        if rank[item.module] < 2:
+            item.add_marker(pytest.mark.many_servers_side)
+    items.sort(key=lambda item: rank[item.module])  # stable: module and test order otherwise kept
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     from fast_dvlm_sglang.tiny import make_tiny_checkpoint

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.sglang, pytest.mark.slow]
+pytestmark = [pytest.mark.sglang, pytest.mark.slow, pytest.mark.many_servers]
 
 from sglang_helpers import generate  # noqa: E402
 from test_spec_server import Reference, _demo_prompts  # noqa: E402

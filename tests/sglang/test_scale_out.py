@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-pytestmark = [pytest.mark.sglang, pytest.mark.slow]
+pytestmark = [pytest.mark.sglang, pytest.mark.slow, pytest.mark.many_servers]
 
 N = 16
 

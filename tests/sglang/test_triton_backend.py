@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytestmark = pytest.mark.sglang
+pytestmark = [pytest.mark.sglang, pytest.mark.many_servers]
 
 BLOCK = 8
 HEADS, KV_HEADS, DIM = 4, 2, 16

@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-pytestmark = [pytest.mark.sglang]
+pytestmark = [pytest.mark.sglang, pytest.mark.many_servers]
 
 from fast_dvlm_sglang.demo import DEMO_CHECKPOINT  # noqa: E402
 from fast_dvlm_sglang.video import encode_clip, moving_square_frames  # noqa: E402
