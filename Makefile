@@ -49,9 +49,10 @@ test: venv
 test-core: venv
 	$(VENV)/bin/python -m pytest -q -m "not sglang" --ignore=tests/sglang $(PYTEST_ARGS) tests
 
-# The SGLang suite as two pytest processes side by side: one leaves ~40% of two cores idle while
-# servers start and wait on HTTP. tests/sglang/conftest.py marks one side (`many_servers_side`),
-# split by memory. Exit status 5 (a side with nothing selected, e.g. PYTEST_ARGS names one file)
+# The SGLang suite as two pytest processes side by side: one alone leaves CPU idle while its
+# servers start and wait on HTTP (39% of two cores over the hostile-client and server modules;
+# 1654 -> 1276 s back to back, warm). tests/sglang/conftest.py marks one side
+# (`many_servers_side`), split by memory. Exit status 5 (a side with nothing selected, e.g. PYTEST_ARGS names one file)
 # is not a failure.
 test-sglang: venv-sglang
 	$(MAKE) --no-print-directory -j2 -O test-sglang-many-servers test-sglang-others

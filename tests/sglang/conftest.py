@@ -31,8 +31,9 @@ def _tokenizer():
 
 # ---- Two pytest processes side by side (`make test-sglang`) --------------------------------------
 # A server start is ~35 s of CPU, nearly all SGLang's imports in its three processes, and a module's
-# servers then spend much of their time waiting on HTTP: one pytest process leaves ~40% of the two
-# cores idle (vmstat over test_spec_server, test_server and test_hostile_clients). `make
+# servers then spend much of their time waiting on HTTP: one pytest process leaves CPU idle (39% of
+# the two cores over test_spec_server, test_server and test_hostile_clients; modules that keep
+# the CPU busy gain nothing from running beside others). `make
 # test-sglang` runs two, `-m "many_servers_side"` and `-m "not many_servers_side"`. Memory decides
 # the split: a live server holds ~2.6 GB (3 demo servers: 7.9 GB), so the modules that run three or
 # more server processes at once (marker `many_servers`) and the users of the session's demo
