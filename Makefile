@@ -51,8 +51,8 @@ $(VENV_SGLANG)/.installed: pyproject.toml constraints-sglang.txt
 	$(call install_project,$(VENV_SGLANG),constraints-sglang.txt,sglang,router,dev)
 	touch $@
 
-# Both environments install at once (pip is one core and much disk: 95 s and 280 s one after the
-# other on 2 cores, 145 s together), the core suite runs as soon as .venv is there, then the
+# Both environments install at once (pip is about one core and much disk: 95 s and 280 s one after
+# the other on 2 cores, 248 s together), the core suite runs as soon as .venv is there, then the
 # SGLang suite. -O keeps each job's output in one piece.
 test:
 	$(call need_disk,$(DISK_VENV) $(DISK_VENV_SGLANG))

@@ -24,7 +24,7 @@ from pathlib import Path
 # `get_free_port_below_ephemeral`), and each is reserved by a lock file while this process uses it,
 # so that two processes here never pick the same one.
 PORT_RANGE = (15000, 21999)
-_LOCK_DIR = Path(tempfile.gettempdir()) / "fast-dvlm-ports"
+_LOCK_DIR = Path(tempfile.gettempdir()) / f"fast-dvlm-ports-{os.getuid()}"  # per user: no other owner's files
 _reserved: dict[int, object] = {}  # port -> its open lock file (the flock lives as long as it)
 _pick = random.SystemRandom()  # not the `random` module's state: tests seed that, in every process alike
 
