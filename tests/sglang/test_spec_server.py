@@ -164,12 +164,20 @@ def test_openai_chat_and_stream_equal_native(spec_server_tiny, tiny_ref):
     chat = client.chat.completions.create(model=spec_server_tiny.model, messages=msgs, max_tokens=n, temperature=0)
     assert chat.choices[0].message.content == body["text"]
     assert chat.usage.completion_tokens == len(body["output_ids"])
-    # SGLang's `return_meta_info` extension carries the NFE through the OpenAI API too.
+    # SGLang's `return_meta_info` extension carries the NFE through the OpenAI API too. Compared
+    # with the draft length pinned on both sides: unpinned, each round's width is the adaptive
+    # policy's, seeded from the server's workload prior, which every request moves (and the
+    # 16-concurrent test before this one, batched as timing allows). The same prompt then can take
+    # other widths a request later: a CI run saw NFE [0, 2, 10, ...] then [0, 8, 8, ...], same text.
+    pin = {"draft_length": 31}
+    pinned = generate(spec_server_tiny, tiny_ref.text(msgs), image=url, max_new_tokens=n, custom_params=pin)
     chat = client.chat.completions.create(model=spec_server_tiny.model, messages=msgs, max_tokens=n, temperature=0,
-                                          extra_body={"return_meta_info": True})
+                                          extra_body={"return_meta_info": True, "custom_params": pin})
     meta = chat.choices[0].model_extra["meta_info"]
-    assert meta["dllm_nfe"] == body["meta_info"]["dllm_nfe"]
-    assert meta["dllm_spec_round"] == body["meta_info"]["dllm_spec_round"]
+    assert chat.choices[0].message.content == pinned["text"]
+    assert meta["dllm_nfe"] == pinned["meta_info"]["dllm_nfe"]
+    assert meta["dllm_spec_round"] == pinned["meta_info"]["dllm_spec_round"]
+    _check_metrics(meta, chat.usage.completion_tokens)
     parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model=spec_server_tiny.model, messages=msgs, max_tokens=n, temperature=0, stream=True) if c.choices]
     assert "".join(parts) == body["text"] and len(parts) > 1
