@@ -93,6 +93,10 @@ HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
      f"{_RC}:after_validate_chat_request", "AFTER"),
     ("sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._validate_request",
      f"{_RC}:after_validate_completion_request", "AFTER"),
+    # The n choices of a seeded request are n samples, choice k with seed + k (`parallel_sampling.py`):
+    # SGLang sends the n copies of a request with one SamplingParams, seed included.
+    ("sglang.srt.managers.tokenizer_manager.TokenizerManager._send_one_request",
+     "fast_dvlm_sglang.sglang_plugin.parallel_sampling:before_send_one_request", "BEFORE"),
     # W8A8 FP8 checkpoints (`fast-dvlm quantize`, `fp8_linear_method.py`): on a host without CUDA
     # the scheme without a CUDA capability query, float32 activations, the reference's fp8_linear;
     # on CUDA, small-M per-channel linears through our Triton GEMM (`kernels/fp8_gemm.py`).

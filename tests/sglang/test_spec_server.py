@@ -267,9 +267,10 @@ def test_sampling_same_seed_same_output(spec_server_tiny, tiny_ref):
 def test_n_choices_are_independent_requests(spec_server_tiny, tiny_ref):
     """`n > 1` is SGLang's own fan-out (a max_new_tokens=0 warm-up that caches the prompt, then n
     copies of the request): each choice is its own request, with its own state and generator.
-    Greedy: every choice is the AR answer. Seeded: every choice is the one answer that seed gives
-    alone (SGLang gives the copies the same sampling params, seed included, as for AR). Unseeded:
-    each choice draws its own seed. The KV pool gets every slot back (free or evictable)."""
+    Greedy: every choice is the AR answer. Seeded: choice k is the answer seed + k gives alone
+    (`parallel_sampling.py`; SGLang sends the copies one SamplingParams, seed included), through
+    /generate and the OpenAI chat API, streamed or not. Unseeded: each choice draws its own seed.
+    The KV pool gets every slot back (free or evictable)."""
     import httpx
 
     msgs, url, _ = _tiny_prompts()[1]
@@ -288,8 +289,10 @@ def test_n_choices_are_independent_requests(spec_server_tiny, tiny_ref):
     for i, got in enumerate(native(3, temperature=0)):
         tiny_ref.tie_check.check(msgs, want, got, f"greedy choice {i}")
     sampled = {"temperature": 0.9, "top_p": 0.95, "ignore_eos": True}
-    solo = generate(spec_server_tiny, text, image=url, max_new_tokens=n, sampling_seed=5, **sampled)["output_ids"]
-    assert native(2, sampling_seed=5, **sampled) == [solo, solo]
+    solo = {seed: generate(spec_server_tiny, text, image=url, max_new_tokens=n, sampling_seed=seed,
+                           **sampled)["output_ids"] for seed in (5, 6, 7)}
+    assert len({tuple(c) for c in solo.values()}) > 1, solo  # the seeds sample apart
+    assert native(3, sampling_seed=5, **sampled) == [solo[5], solo[6], solo[7]]
     unseeded = native(4, **sampled)
     assert len({tuple(c) for c in unseeded}) > 1, unseeded
 
@@ -304,6 +307,17 @@ def test_n_choices_are_independent_requests(spec_server_tiny, tiny_ref):
         for c in chunk.choices:
             streamed[c.index] += c.delta.content or ""
     assert streamed == {0: chat.choices[0].message.content, 1: chat.choices[1].message.content}
+    seeded = dict(model=spec_server_tiny.model, messages=msgs, max_tokens=n, temperature=0.9, top_p=0.95,
+                  extra_body={"ignore_eos": True})
+    alone = [client.chat.completions.create(**seeded, seed=s).choices[0].message.content for s in (5, 6)]
+    assert alone[0] != alone[1], alone
+    chat = client.chat.completions.create(**seeded, seed=5, n=2)
+    assert [c.message.content for c in chat.choices] == alone
+    streamed = {0: "", 1: ""}
+    for chunk in client.chat.completions.create(**seeded, seed=5, n=2, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert [streamed[0], streamed[1]] == alone
     assert wait_for(lambda: _free_kv(spec_server_tiny) == total), (_free_kv(spec_server_tiny), total)
     assert spec_server_tiny.healthy()
 
