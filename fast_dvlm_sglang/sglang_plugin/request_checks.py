@@ -266,13 +266,24 @@ def generate_request(original, tokenizer_manager, obj, request=None):
     return original(tokenizer_manager, obj, request)
 
 
+EMPTY_PROMPT = "The prompt is empty (0 tokens): there is nothing to continue from; send at least one token."
+
+
 def after_validate_one_request(result, tokenizer_manager, obj, input_ids):
-    """After tokenization: a dLLM prompt that with one block can never fit in the KV pool."""
+    """After tokenization: an empty prompt (any algorithm), and a dLLM prompt that with one block
+    can never fit in the KV pool."""
     from . import ALGORITHM_NAME, SPEC_ALGORITHM_NAME
     from .kv_pressure import never_fits_message
 
     if input_ids is None or not serves_our_model(tokenizer_manager):
         return None
+    # An empty text (`/generate` "text": "", `/v1/completions` "prompt": ""; the tokenizer adds no
+    # BOS) reached the scheduler as a 0-token prefill and killed the server, AR included (the
+    # attention reshapes 0 query rows; spec has no seed). SGLang refuses empty input_ids itself,
+    # except for a session request, whose history the scheduler prepends.
+    session = obj.session_params.get("id") if isinstance(getattr(obj, "session_params", None), dict) else None
+    if len(input_ids) == 0 and not session:
+        raise ValueError(EMPTY_PROMPT)
     if _algorithm(tokenizer_manager) not in (ALGORITHM_NAME, SPEC_ALGORITHM_NAME):
         return None
     pool = _pool_tokens()

@@ -356,6 +356,13 @@ REFUSALS = {
     "generate_negative_id": ("/generate", lambda: {"input_ids": [-1, 5], "sampling_params": {}},
                              "outside the vocabulary"),
     "generate_local_path": ("/generate", lambda: _generate() | {"image_data": "/etc/hostname"}, "outside"),
+    # an empty prompt tokenizes to 0 tokens (no BOS): through /generate it killed the server (spec:
+    # a round without a seed; AR too, tests/sglang/test_server.py); SGLang's completions refuse it
+    "generate_empty_text": ("/generate", lambda: {"text": "", "sampling_params": {"max_new_tokens": 8}},
+                            "prompt is empty"),
+    "generate_batch_with_an_empty_text": ("/generate", lambda: _generate() | {"text": ["There is a", ""]},
+                                          "prompt is empty"),
+    "completions_empty_prompt": ("/v1/completions", lambda: _completion(prompt=""), "Prompt cannot be empty"),
 }
 
 

@@ -238,6 +238,30 @@ def test_bad_request_is_4xx_and_server_stays_healthy(servers, case):
     assert server.healthy()
 
 
+@pytest.mark.parametrize("algorithm", ["ar", "mdm"])
+def test_empty_prompt_is_refused_and_the_server_lives(servers, algorithm):
+    """An empty text tokenizes to 0 tokens (no BOS) and, reaching the scheduler through /generate,
+    killed the server whatever the algorithm (AR: SGLang's attention reshapes 0 query rows): 400,
+    streamed or not, alone or in a batch."""
+    import httpx
+
+    server = servers[algorithm]
+    headers = {"Authorization": f"Bearer {API_KEY}"} if algorithm == "mdm" else {}
+    ours, sglangs = "prompt is empty", "Prompt cannot be empty"  # SGLang's completions handler checks too
+    for path, body, needle in [
+            ("/generate", {"text": "", "sampling_params": {"max_new_tokens": 4}}, ours),
+            ("/generate", {"text": "", "sampling_params": {"max_new_tokens": 4}, "stream": True}, ours),
+            ("/generate", {"text": ["a circle", ""], "sampling_params": {"max_new_tokens": 4}}, ours),
+            ("/v1/completions", {"model": server.model, "prompt": "", "max_tokens": 4}, sglangs),
+            ("/v1/completions", {"model": server.model, "prompt": "", "max_tokens": 4, "stream": True}, sglangs)]:
+        r = httpx.post(server.base_url + path, json=body, headers=headers, timeout=60)
+        assert r.status_code == 400 and needle in r.text, (path, body, r.status_code, r.text[:300])
+        assert server.healthy(), (path, body)
+    one_token = httpx.post(server.base_url + "/generate", headers=headers, timeout=60,
+                           json={"text": "a", "sampling_params": {"max_new_tokens": 4}})
+    assert one_token.status_code == 200, one_token.text[:300]
+
+
 MDM_REFUSED = {
     "json_schema": ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}},
                     "constrained decoding"),
