@@ -14,7 +14,9 @@ unchanged), as SGLang hooks listed in `hooks.HOOK_TARGETS`:
 
 - admission (`process_dllm_incoming_reqs`): a request's context pass starts only if its whole
   context plus its first block fits in the free (or evictable) KV after reserving one block for
-  every request already holding KV; requests are admitted in queue order (no overtaking);
+  every request already holding KV; requests are admitted in queue order (no overtaking); one
+  SGLang's adder still refuses goes back to incoming, its prefix match dropped (it was never
+  locked; `_undo_refused_match`);
 - no starvation (`_process_dllm_batches`): when no context pass can be admitted, the block
   rounds of the requests already running are scheduled instead of nothing;
 - retraction (`get_new_batch_dllm`): if nothing at all can be scheduled while requests hold KV,
@@ -124,7 +126,36 @@ def process_dllm_incoming_reqs(original, scheduler, adder, reqs, running_batch):
     admitted = admissible(scheduler, reqs)
     if not admitted:
         return AddReqResult.NO_TOKEN
-    return original(scheduler, adder, admitted, running_batch)
+    before = {id(r): (r.dllm_phase, r.dllm_initialized) for r in admitted}
+    result = original(scheduler, adder, admitted, running_batch)
+    taken = {id(r) for r in adder.can_run_list}
+    for req in admitted:
+        if id(req) not in taken and not req.kv.holds_kv and req.dllm_phase != before[id(req)][0]:
+            _undo_refused_match(req, *before[id(req)])
+    return result
+
+
+def _undo_refused_match(req, phase, initialized: bool) -> None:
+    """An incoming request the adder refused goes back to what it was before SGLang prepared it.
+
+    SGLang's loop (`SchedulerDllmMixin.process_dllm_incoming_reqs`) runs
+    `req.init_next_round_input(tree_cache)` before `adder.add_one_req` may refuse the request
+    (NO_TOKEN: the adder also reserves the running requests' future tokens, which `admissible`
+    does not). The preparation matched a cached prefix (`prefix_len`, `last_node`,
+    `kv.cache_protected_len`) and moved the request to STAGING_PREFILL, but the tree lock that
+    protects that prefix comes only with admission. Next round the request counted as admitted:
+    `add_dllm_staging_req` scheduled it on the stale, unlocked match, whose slots other
+    allocations had meanwhile evicted and reused. Its context pass then wrote over another
+    request's KV, and its stash inserted those slots into the tree a second time: a gsp load
+    (`sglang.bench_serving`, 4 x 1.5k-token shared prefixes, 32 in flight) killed the server
+    with "pool memory leak detected ... evictable=10098" over a pool of 8192.
+    Restored, the request is matched (and locked when admitted) afresh next time."""
+    req.dllm_phase = phase
+    req.dllm_initialized = initialized
+    req.prefix_len = 0
+    req.last_node = None
+    req.kv.cache_protected_len = 0
+    req.extend_end = None
 
 
 def process_dllm_batches(original, scheduler, adder, running_batch):

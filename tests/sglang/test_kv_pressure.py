@@ -112,3 +112,30 @@ def test_many_long_prompts_through_a_small_pool(small_pool_server):
     # Every slot is free or held by the radix tree alone (evictable: no request holds it).
     assert wait_for(lambda: prometheus_value(server, "sglang:kv_available_tokens")
                     + prometheus_value(server, "sglang:kv_evictable_tokens") == total)
+
+
+def test_prompts_sharing_prefixes_through_a_small_pool(small_pool_server):
+    """Three long shared prefixes (cached by the solo runs, then evicted by each other), 18
+    requests at once with room for max_tokens answers reserved: SGLang's adder refuses some
+    incoming requests after their prefix was matched (it reserves each running request's
+    max_new_tokens; `kv_pressure.admissible` reserves a block). A refused request must be
+    matched and locked afresh when admitted: scheduled on its stale, unlocked match (whose slots
+    other allocations evicted and reused) it computed over another request's KV and put those
+    slots in the tree twice, and the idle check killed the server (`_undo_refused_match`).
+    Every answer is its solo answer; afterwards every slot is free or evictable."""
+    import httpx
+
+    server = small_pool_server
+    total = httpx.get(server.base_url + "/server_info", timeout=30).json()["max_total_num_tokens"]
+    rng = random.Random(11)
+    prefixes = [" ".join(rng.choice(WORDS) for _ in range(230)) for _ in range(3)]
+    jobs = [[{"role": "user", "content": f"{prefixes[i % 3]} question {i}: "
+              + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))}] for i in range(18)]
+    solo = [_chat(server, msgs, 300) for msgs in jobs]
+    with cf.ThreadPoolExecutor(18) as pool:
+        together = list(pool.map(lambda msgs: _chat(server, msgs, 300), jobs))
+    assert together == solo
+    assert server.healthy()
+    assert wait_for(lambda: prometheus_value(server, "sglang:kv_available_tokens")
+                    + prometheus_value(server, "sglang:kv_evictable_tokens") == total)
+    assert server.healthy()  # past SGLang's idle leak check
