@@ -14,9 +14,9 @@ unchanged), as SGLang hooks listed in `hooks.HOOK_TARGETS`:
 
 - admission (`process_dllm_incoming_reqs`): a request's context pass starts only if its whole
   context plus its first block fits in the free (or evictable) KV after reserving one block for
-  every request already holding KV; requests are admitted in queue order (no overtaking); one
-  SGLang's adder still refuses goes back to incoming, its prefix match dropped (it was never
-  locked; `_undo_refused_match`);
+  every request already holding KV; requests are admitted in queue order (no overtaking); a
+  request SGLang's adder still refuses goes back to incoming, its prefix match dropped (it was
+  never locked; `_undo_refused_match`);
 - no starvation (`_process_dllm_batches`): when no context pass can be admitted, the block
   rounds of the requests already running are scheduled instead of nothing;
 - retraction (`get_new_batch_dllm`): if nothing at all can be scheduled while requests hold KV,
@@ -140,8 +140,8 @@ def _undo_refused_match(req, phase, initialized: bool) -> None:
 
     SGLang's loop (`SchedulerDllmMixin.process_dllm_incoming_reqs`) runs
     `req.init_next_round_input(tree_cache)` before `adder.add_one_req` may refuse the request
-    (NO_TOKEN: the adder also reserves the running requests' future tokens, which `admissible`
-    does not). The preparation matched a cached prefix (`prefix_len`, `last_node`,
+    (NO_TOKEN: the adder reserves each admitted request's max_new_tokens, `admissible` one
+    block). The preparation matched a cached prefix (`prefix_len`, `last_node`,
     `kv.cache_protected_len`) and moved the request to STAGING_PREFILL, but the tree lock that
     protects that prefix comes only with admission. Next round the request counted as admitted:
     `add_dllm_staging_req` scheduled it on the stale, unlocked match, whose slots other

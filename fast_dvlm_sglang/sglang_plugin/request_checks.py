@@ -277,10 +277,10 @@ def after_validate_one_request(result, tokenizer_manager, obj, input_ids):
 
     if input_ids is None or not serves_our_model(tokenizer_manager):
         return None
-    # An empty text (`/generate` "text": "", `/v1/completions` "prompt": ""; the tokenizer adds no
-    # BOS) reached the scheduler as a 0-token prefill and killed the server, AR included (the
-    # attention reshapes 0 query rows; spec has no seed). SGLang refuses empty input_ids itself,
-    # except for a session request, whose history the scheduler prepends.
+    # An empty text (`/generate` "text": ""; the tokenizer adds no BOS) reached the scheduler as a
+    # 0-token prefill and killed the server, AR included (the attention reshapes 0 query rows;
+    # spec has no seed). SGLang refuses empty input_ids and an empty completions prompt itself,
+    # and lets a session request through, whose history the scheduler prepends.
     session = obj.session_params.get("id") if isinstance(getattr(obj, "session_params", None), dict) else None
     if len(input_ids) == 0 and not session:
         raise ValueError(EMPTY_PROMPT)
