@@ -114,8 +114,12 @@ def test_many_long_prompts_through_a_small_pool(small_pool_server):
                     + prometheus_value(server, "sglang:kv_evictable_tokens") == total)
 
 
+# mdm only: the fix is one hook for both algorithms, and in this setup only the mdm server died
+# on the old code (spec died under sglang.bench_serving's larger shared-prefix load, see the note
+# in `kv_pressure._undo_refused_match`); the spec case cost CI ~220 s and could not fail.
+@pytest.mark.parametrize("small_pool_server", ["mdm"], indirect=True)
 def test_prompts_sharing_prefixes_through_a_small_pool(small_pool_server):
-    """Three long shared prefixes (cached by the solo runs, then evicted by each other), 18
+    """Three long shared prefixes (cached by the solo runs, then evicted by each other), 12
     requests at once with room for max_tokens answers reserved: SGLang's adder refuses some
     incoming requests after their prefix was matched (it reserves each running request's
     max_new_tokens; `kv_pressure.admissible` reserves a block). A refused request must be
@@ -130,9 +134,9 @@ def test_prompts_sharing_prefixes_through_a_small_pool(small_pool_server):
     rng = random.Random(11)
     prefixes = [" ".join(rng.choice(WORDS) for _ in range(230)) for _ in range(3)]
     jobs = [[{"role": "user", "content": f"{prefixes[i % 3]} question {i}: "
-              + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))}] for i in range(18)]
+              + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))}] for i in range(12)]
     solo = [_chat(server, msgs, 300) for msgs in jobs]
-    with cf.ThreadPoolExecutor(18) as pool:
+    with cf.ThreadPoolExecutor(12) as pool:
         together = list(pool.map(lambda msgs: _chat(server, msgs, 300), jobs))
     assert together == solo
     assert server.healthy()
