@@ -121,7 +121,7 @@ def test_many_long_prompts_through_a_small_pool(small_pool_server):
 def test_prompts_sharing_prefixes_through_a_small_pool(small_pool_server):
     """Three long shared prefixes (cached by the solo runs, then evicted by each other), 12
     requests at once with room for max_tokens answers reserved: SGLang's adder refuses some
-    incoming requests after their prefix was matched (it reserves each running request's
+    incoming requests after their prefix was matched (it reserves each admitted request's
     max_new_tokens; `kv_pressure.admissible` reserves a block). A refused request must be
     matched and locked afresh when admitted: scheduled on its stale, unlocked match (whose slots
     other allocations evicted and reused) it computed over another request's KV and put those
