@@ -240,6 +240,16 @@ class Harness:
                 self.output_streamer = _Recorder()
                 self.disaggregation_mode = DisaggregationMode.NULL
                 self.server_args = SimpleNamespace(device="cpu")
+                # what SGLang's admission loop (`process_dllm_incoming_reqs`) reads
+                self.enable_priority_preemption = False
+                self.truncation_align_size = None
+
+            @property
+            def dllm_manager(self):
+                return SimpleNamespace(waiting_queue=harness.reqs)
+
+            def get_num_allocatable_reqs(self, running_bs, num_held_rows=0):
+                return harness.pool.size
 
         self.sched = FakeScheduler()
         self.algo = FastDVLMSpeculative(self.dllm_config)
@@ -463,6 +473,50 @@ def test_rounds_leave_the_tree_alone_until_the_finish(sgl, page_size):
     h.run()
     assert _ids(turn) == oracle(follow, 6, set())
     assert turn.cached_tokens >= (len(prompt) + 30 - 1) // page_size * page_size
+    h.check_drained()
+
+
+class _AdderOutOfTokens:
+    """SGLang's `PrefillAdder` refusing every request for want of tokens (it reserves each admitted
+    request's max_new_tokens, our `kv_pressure.admissible` one block: it can refuse what ours let
+    through)."""
+
+    can_run_list: list = []
+
+    def add_one_req(self, req, has_chunked_req, truncation_align_size):
+        from sglang.srt.managers.schedule_policy import AddReqResult
+
+        return AddReqResult.NO_TOKEN
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_a_request_refused_after_its_prefix_matched_is_matched_afresh(sgl, page_size):
+    """SGLang's admission loop matches an incoming request's cached prefix
+    (`init_next_round_input`) before its adder may refuse it; the tree lock comes only with
+    admission. A refused request must not keep that unlocked match: the tree evicts those pages
+    for other requests, and a request run on its stale match computes over their KV and puts the
+    pages in the tree twice (`kv_pressure._undo_refused_match`; it killed the server under
+    sglang.bench_serving's shared-prefix load). Here: refused after matching a cached prompt, the
+    tree evicted, another request given the freed pages; every page stays free, the tree's or one
+    request's at every step, and both answers are the oracle's."""
+    from sglang.srt.dllm.mixin.req import DllmReqPhase
+    from sglang.srt.managers.schedule_policy import AddReqResult
+
+    h = Harness(page_size, radix=True)
+    shared = list(range(3, 27))
+    first = h.add(shared + [40, 41], max_new_tokens=6)
+    h.run()
+    h.check_drained()
+    req = h.add(shared + [50], max_new_tokens=10)
+    running = SimpleNamespace(reqs=[], batch_is_full=False)
+    assert h.sched.process_dllm_incoming_reqs(_AdderOutOfTokens(), [req], running) == AddReqResult.NO_TOKEN
+    assert first.finished() and req.dllm_phase == DllmReqPhase.INCOMING_PREFILL and not req.kv.holds_kv
+    assert h.tree.protected_size() == 0  # refused: nothing locked
+    h.tree.evict(_evict_all(h))  # other allocations take the cached pages
+    other = h.add([60 + i % 7 for i in range(40)], max_new_tokens=10)
+    h.run()  # check_invariants after every step
+    assert _ids(req) == oracle(shared + [50], 10, set())
+    assert _ids(other) == oracle([60 + i % 7 for i in range(40)], 10, set())
     h.check_drained()
 
 
