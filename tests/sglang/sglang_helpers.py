@@ -1,4 +1,5 @@
-"""Helpers for the SGLang server tests: image data URLs, native /generate, /metrics gauges.
+"""Helpers for the SGLang server tests: image data URLs, native /generate, /metrics gauges, the
+KV slots requests hold.
 
 The managed `fast-dvlm serve` process is `fast_dvlm_sglang.server_process.ServeProcess`."""
 
@@ -41,6 +42,19 @@ def prometheus_value(server, name: str) -> float:
         if line.startswith(name + "{") or line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     raise KeyError(name)
+
+
+def kv_tokens_in_use(server) -> int:
+    """KV slots held by requests: the pool minus its free slots and those only the radix tree
+    holds (evictable), `num_used_tokens` of SGLang's /v1/loads summed over its ranks; 0 when every
+    request's KV came back. The scheduler publishes that snapshot before releasing each batch's
+    finished requests and at once when it goes idle, so it reaches 0 only once the pool is whole
+    (the /metrics gauges of the same numbers refresh only every 30 s while idle)."""
+    import httpx
+
+    loads = httpx.get(server.base_url + "/v1/loads", headers=server.headers, timeout=30).json()["loads"]
+    assert loads, "no scheduler rank answered /v1/loads"
+    return sum(int(load["num_used_tokens"]) for load in loads)
 
 
 def wait_for(predicate, timeout: float = 60.0) -> bool:
