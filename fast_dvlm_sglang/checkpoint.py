@@ -18,7 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import CheckpointError, FastDVLMConfig
+from .config import MODEL_TYPE, CheckpointError, FastDVLMConfig
+
+# transformers' own config for processes without this package (`configuration_fast_dvlm.py`)
+REMOTE_CONFIG_FILE = "configuration_fast_dvlm.py"
+REMOTE_CONFIG_CLASS = "configuration_fast_dvlm.FastDVLMConfig"
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -132,6 +136,16 @@ def atomic_write_dir(out_dir: str | Path, write) -> Path:
     return out_dir
 
 
+def with_auto_config(config: dict) -> tuple[dict, bool]:
+    """`config` with `auto_map.AutoConfig` naming our `configuration_fast_dvlm.py` (and True: the
+    file must be written), unless it is not a fast_dvlm config or already names its own (a
+    checkpoint from the Hub with its remote code, whose files the FP8 export carries over)."""
+    auto_map = config.get("auto_map") or {}
+    if config.get("model_type") != MODEL_TYPE or "AutoConfig" in auto_map:
+        return config, False
+    return {**config, "auto_map": {**auto_map, "AutoConfig": REMOTE_CONFIG_CLASS}}, True
+
+
 def save_checkpoint(
     state_dict: Mapping[str, torch.Tensor],
     config: dict,
@@ -141,7 +155,9 @@ def save_checkpoint(
     max_shard_bytes: int | None = None,
     extra_files: Mapping[str, str | bytes] | None = None,
 ) -> Path:
-    """Write config.json, safetensors weights (optionally sharded with an index) and extra files."""
+    """Write config.json, safetensors weights (optionally sharded with an index) and extra files;
+    a fast_dvlm config also gets transformers' config class for processes without this package
+    (`with_auto_config`)."""
     if layout not in ("new", "old"):
         raise ValueError(f"layout must be 'new' or 'old', got {layout!r}")
     tensors = {}
@@ -150,8 +166,12 @@ def save_checkpoint(
             continue
         tensors[key if layout == "new" else to_old_layout(key)] = value.detach().contiguous().cpu()
 
+    config, remote_config = with_auto_config(config)
+
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if remote_config:  # before the extra files: a checkpoint's own file of that name wins
+            shutil.copyfile(Path(__file__).with_name(REMOTE_CONFIG_FILE), tmp / REMOTE_CONFIG_FILE)
         if max_shard_bytes is None:
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         else:

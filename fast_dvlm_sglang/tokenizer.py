@@ -353,6 +353,9 @@ def load_tokenizer(model_dir: str | os.PathLike):
     """Load the tokenizer written by :func:`write_tokenizer_files` (offline)."""
     from transformers import AutoTokenizer
 
+    from fast_dvlm_sglang.sglang_plugin.hf_config import register_config
+
+    register_config()  # AutoTokenizer reads config.json: our class, not the checkpoint's code
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHAT_TEMPLATE

@@ -73,15 +73,10 @@ class QuantizeError(ValueError):
 
 def _register_config_type() -> None:
     """`oneshot` reads `AutoConfig.from_pretrained(model.config.name_or_path)`; transformers does not
-    know `model_type: fast_dvlm` unless told (`hf_config.py` registers it for SGLang)."""
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    know `model_type: fast_dvlm` unless told."""
+    from fast_dvlm_sglang.sglang_plugin.hf_config import register_config
 
-    from fast_dvlm_sglang.config import MODEL_TYPE
-    from fast_dvlm_sglang.sglang_plugin.hf_config import FastDVLMHFConfig
-
-    if MODEL_TYPE not in CONFIG_MAPPING:  # (the processor classes need torchvision, not in .venv)
-        AutoConfig.register(MODEL_TYPE, FastDVLMHFConfig, exist_ok=True)
+    register_config()
 
 
 class _OneshotModel(FastDVLMForConditionalGeneration):

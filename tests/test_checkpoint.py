@@ -108,3 +108,60 @@ def test_atomic_write_keeps_old_checkpoint_when_writing_fails(tmp_path):
         save_checkpoint(bad, config, d)
     assert (d / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp dirs left behind
+
+
+_LOAD_CONFIG_ALONE = """
+import json, sys
+from transformers import AutoConfig
+c = AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)
+print(json.dumps({"model_type": c.model_type, "module": type(c).__module__, "hidden": c.text_config.hidden_size,
+                  "layers": c.text_config.num_hidden_layers, "depth": c.vision_config.depth,
+                  "ours": sorted(m for m in sys.modules if m.startswith("fast_dvlm_sglang"))}))
+"""
+
+
+def test_saved_config_loads_without_this_package(tmp_path):
+    """A process without fast_dvlm_sglang (SGLang's benchmark client, lm-eval) reads a checkpoint
+    we wrote with `trust_remote_code=True`: config.json's auto_map names the config class written
+    beside it, Qwen2.5-VL's under `fast_dvlm`; the values are the checkpoint's."""
+    import subprocess
+    import sys
+
+    config = tiny_config_dict()
+    out = save_checkpoint(tiny_state_dict(config), config, tmp_path / "m")
+    done = subprocess.run([sys.executable, "-c", _LOAD_CONFIG_ALONE, str(out)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got == {"model_type": "fast_dvlm", "module": got["module"], "hidden": config["hidden_size"],
+                   "layers": config["num_hidden_layers"], "depth": config["vision_config"]["depth"], "ours": []}
+    assert got["module"].startswith("transformers_modules.")  # the checkpoint's file, not a registered class
+
+
+def test_auto_config_is_added_only_where_it_is_ours(tmp_path):
+    """A checkpoint naming its own config code (one from the Hub, carried over by the FP8 export)
+    keeps it; our class file is not written over it. A non-fast_dvlm config gets no auto_map."""
+    from fast_dvlm_sglang.checkpoint import REMOTE_CONFIG_FILE, with_auto_config
+
+    config = tiny_config_dict()
+    theirs = {**config, "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModel": "modeling_x.X"}}
+    out = save_checkpoint(tiny_state_dict(config), theirs, tmp_path / "theirs",
+                          extra_files={"configuration_x.py": "# theirs\n"})
+    assert json.loads((out / "config.json").read_text())["auto_map"] == theirs["auto_map"]
+    assert not (out / REMOTE_CONFIG_FILE).exists()
+    other = {**config, "model_type": "qwen2_5_vl"}
+    assert with_auto_config(other) == (other, False)
+    added, write = with_auto_config({**config, "auto_map": {"AutoModel": "modeling_x.X"}})
+    assert write and added["auto_map"] == {"AutoModel": "modeling_x.X",
+                                           "AutoConfig": "configuration_fast_dvlm.FastDVLMConfig"}
+
+
+def test_bundled_demo_names_the_current_config_class():
+    """The committed demo checkpoint carries what `save_checkpoint` writes today."""
+    from fast_dvlm_sglang import checkpoint
+    from fast_dvlm_sglang.demo import DEMO_CHECKPOINT
+
+    demo_config = json.loads((DEMO_CHECKPOINT / "config.json").read_text())
+    assert demo_config["auto_map"] == {"AutoConfig": checkpoint.REMOTE_CONFIG_CLASS}
+    package_file = checkpoint.Path(checkpoint.__file__).with_name(checkpoint.REMOTE_CONFIG_FILE)
+    assert (DEMO_CHECKPOINT / checkpoint.REMOTE_CONFIG_FILE).read_bytes() == package_file.read_bytes()

@@ -31,6 +31,9 @@ def mask_id_from_tokenizer(tokenizer_path: str) -> int | None:
     try:
         from transformers import AutoTokenizer
 
+        from .hf_config import register_config
+
+        register_config()
         t = AutoTokenizer.from_pretrained(tokenizer_path)
     except Exception:
         return None

@@ -25,17 +25,27 @@ def fast_dvlm_config_class():
     return FastDVLMHFConfig
 
 
+def register_config() -> None:
+    """AutoConfig knows `fast_dvlm` afterwards, from this package's class: loading a checkpoint
+    (its tokenizer too) then runs none of the checkpoint's own code, though its config.json names
+    some (`auto_map`, `configuration_fast_dvlm.py`, for processes without this package); without
+    it transformers would ask whether to trust that code. Needs no torchvision (.venv has none)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if MODEL_TYPE not in CONFIG_MAPPING:
+        AutoConfig.register(MODEL_TYPE, fast_dvlm_config_class(), exist_ok=True)
+
+
 def register_transformers() -> None:
     """AutoConfig / AutoProcessor / AutoImageProcessor know `fast_dvlm` afterwards."""
     global _registered
     if _registered:
         return
-    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers import AutoImageProcessor, AutoProcessor
 
     cfg_cls = fast_dvlm_config_class()
-    if MODEL_TYPE not in CONFIG_MAPPING:
-        AutoConfig.register(MODEL_TYPE, cfg_cls, exist_ok=True)
+    register_config()
     try:
         from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
 

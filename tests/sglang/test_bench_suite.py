@@ -40,6 +40,26 @@ def test_bench_online_against_our_spec_server(demo_spec_and_ar, tmp_path):
     assert "| spec | bf16 | 3 |" in done.stdout and (tmp_path / "online.png").stat().st_size > 0
 
 
+def test_sglang_client_image_load_against_our_spec_server(demo_spec_and_ar, tmp_path):
+    """SGLang's own benchmark client, its image dataset (random 360p PNGs, chat API): the client
+    builds prompts with the model's processor, which it loads from the served model (here the
+    checkpoint's path) without this package, with `trust_remote_code=True`: the checkpoint's
+    config.json names its config class (`checkpoint.with_auto_config`). Offline; every request
+    succeeds."""
+    import os
+
+    spec, _ar = demo_spec_and_ar
+    done = subprocess.run(
+        [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang-oai-chat", "--base-url", spec.base_url,
+         "--model", spec.model, "--dataset-name", "image", "--image-count", "1", "--image-resolution", "360p",
+         "--image-format", "png", "--random-input-len", "32", "--random-output-len", "24", "--num-prompts", "4",
+         "--max-concurrency", "2", "--disable-tqdm"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "Successful requests:                     4" in done.stdout, done.stdout[-2000:]
+    assert spec.healthy()
+
+
 def test_bench_serve_starts_each_configuration(tiny_checkpoints, tmp_path):
     from fast_dvlm_sglang.benchmarks.serving_metrics import check_report
 
