@@ -3,8 +3,8 @@ named by its config.json `auto_map`, so that a process without this package (SGL
 client, lm-eval, a notebook) loads the config with `trust_remote_code=True`:
 `AutoConfig.from_pretrained(path, trust_remote_code=True)`, and with it `AutoProcessor`
 (Qwen2.5-VL's, named by preprocessor_config.json). Standalone on purpose: it imports transformers
-only. Where this package is imported the same model_type is registered without remote code
-(`sglang_plugin/hf_config.py`) and this file is not run.
+only. Where this package is imported it registers this module's class itself
+(`sglang_plugin/hf_config.py`) and never runs a checkpoint's copy.
 """
 
 from transformers import Qwen2_5_VLConfig

@@ -12,13 +12,9 @@ from fast_dvlm_sglang.config import MODEL_TYPE
 _registered = False
 
 
-from transformers import Qwen2_5_VLConfig  # noqa: E402  (transformers is a core dependency)
-
-
-class FastDVLMHFConfig(Qwen2_5_VLConfig):
-    """Qwen2.5-VL's config under `model_type: "fast_dvlm"` (module level: SGLang pickles it)."""
-
-    model_type = MODEL_TYPE
+# One class for both: the file every checkpoint carries for processes without this package
+# (`checkpoint.with_auto_config`) is the class registered here (module level: SGLang pickles it).
+from fast_dvlm_sglang.configuration_fast_dvlm import FastDVLMConfig as FastDVLMHFConfig  # noqa: E402
 
 
 def fast_dvlm_config_class():
