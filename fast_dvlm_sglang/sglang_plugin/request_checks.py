@@ -129,21 +129,16 @@ def _neither_algorithm_honours(get, return_logprob: bool, custom_logit_processor
     return refused
 
 
-def spec_refusal(get, prompt_logprobs: bool, custom_logit_processor, block_size, *,
-                 token_ids_logprob=None, sampling_mask: bool = False) -> str | None:
+def spec_refusal(get, custom_logit_processor, block_size, *, sampling_mask: bool = False) -> str | None:
     """What `FastDVLMSpeculative` cannot honour, from a request's sampling parameters (`get(name)`,
     SamplingParams field names; `block_size()` is asked only when needed). Output logprobs
-    (`logprobs`, `top_logprobs`) are served; logprobs of the prompt (`logprob_start_len` >= 0,
-    completions' `echo`), of given token ids, and SGLang's sampling masks are not. Shared by the
-    HTTP process and the scheduler (which sees the request before SGLang sets its
-    logprob_start_len: there prompt logprobs are not refused, only left empty)."""
+    (`logprobs`, `top_logprobs`, `token_ids_logprob`) and prompt logprobs (`logprob_start_len` >=
+    0, completions' `echo`: the causal context pass computes them,
+    `spec_scheduler.record_prompt_logprobs`) are served; SGLang's sampling masks are not. Shared
+    by the HTTP process and the scheduler."""
     from . import SPEC_ALGORITHM_NAME
 
     refused = _neither_algorithm_honours(get, False, custom_logit_processor)
-    if prompt_logprobs:
-        refused.append("prompt logprobs (logprob_start_len / echo)")
-    if token_ids_logprob:
-        refused.append("token_ids_logprob")
     if sampling_mask:
         refused.append("return_sampling_mask")
     if refused:
@@ -214,11 +209,7 @@ def generate_request_error(tokenizer_manager, obj) -> str | None:
         for i, p in enumerate(params):
             logprob, processor = bool(each(obj.return_logprob, i)), each(obj.custom_logit_processor, i)
             if algorithm == SPEC_ALGORITHM_NAME:
-                start = each(obj.logprob_start_len, i)
-                ids = obj.token_ids_logprob
-                ids = ids[min(i, len(ids) - 1)] if ids and isinstance(ids[0], list) else ids
-                error = spec_refusal(p.get, logprob and start not in (None, -1), processor,
-                                     lambda: block_size(tokenizer_manager), token_ids_logprob=logprob and ids,
+                error = spec_refusal(p.get, processor, lambda: block_size(tokenizer_manager),
                                      sampling_mask=bool(each(obj.return_sampling_mask, i)))
             else:
                 error = mdm_refusal(p.get, logprob, processor)

@@ -181,11 +181,36 @@ def _record_metrics(req, state: SpecState, n: int, drafted: int, ar_steps: int) 
     req.customized_info.setdefault(METRIC_AR_STEPS, []).extend([ar_steps] * n)
 
 
+def record_prompt_logprobs(scheduler, batch, result) -> None:
+    """Prompt logprobs (`logprob_start_len` >= 0, completions' `echo`) of a causal context pass,
+    through SGLang's own bookkeeping, as its prefill result does: the pass is an EXTEND forward
+    of the prompt, so SGLang's LogitsProcessor has already computed them (from each request's
+    `logprob_start_len`; the prefix match stops there, `prefix_cache.py`); a chunked prompt adds
+    each chunk's, the last chunk finishes the lists. Every request, logprobs or not, advances the
+    cursor into the batch's flat values by its count, as SGLang lays them out."""
+    if not batch.return_logprob:
+        return
+    output = result.logits_output
+    starts, lens = result.extend_logprob_start_len_per_req, result.extend_input_len_per_req
+    if output is None or output.input_token_logprobs is None or not starts or not lens:
+        return
+    processor = scheduler.batch_result_processor
+    processor.move_logprobs_to_cpu(batch=batch, logits_output=output)  # the one host copy of the pass
+    logprobs = processor.logprob_result_processor
+    cursor = 0
+    for i, req in enumerate(batch.reqs):
+        count = logprobs.calculate_num_input_logprobs(req, lens[i], starts[i])
+        if count > 0 and req.return_logprob and not req.finished():
+            logprobs.add_input_logprob_return_values(i, req, output, cursor, count,
+                                                     last_prefill_chunk=req.extend_end == req.dllm_block_offset)
+        cursor += count
+
+
 def record_logprobs(req, rows) -> None:
     """The committed tokens' output logprobs onto SGLang's per-request lists, one entry per output
-    token as its AR decode appends them (the output streamer sends them with the tokens). Spec
-    serves no prompt logprobs: the input lists are empty, as SGLang leaves them for a request
-    whose logprob_start_len is past its prompt."""
+    token as its AR decode appends them (the output streamer sends them with the tokens). Input
+    lists the context pass left unset (no prompt logprobs asked) become empty, as SGLang leaves
+    them for a request whose logprob_start_len is past its prompt."""
     if not req.return_logprob or not rows:
         return
     lp = req.logprob
@@ -194,12 +219,15 @@ def record_logprobs(req, rows) -> None:
         if getattr(lp, name) is None:
             setattr(lp, name, [])
     tokens = req.output_ids[len(lp.output_token_logprobs_val):]
-    for token, (value, top_values, top_ids) in zip(tokens, rows):
+    for token, (value, top_values, top_ids, given_values) in zip(tokens, rows):
         lp.output_token_logprobs_val.append(value)
         lp.output_token_logprobs_idx.append(token)
         if lp.top_logprobs_num > 0:
             lp.output_top_logprobs_val.append(top_values)
             lp.output_top_logprobs_idx.append(top_ids)
+        if lp.token_ids_logprob is not None:
+            lp.output_token_ids_logprobs_val.append(given_values)
+            lp.output_token_ids_logprobs_idx.append(list(lp.token_ids_logprob))
 
 
 def adopt_context_state(req, state) -> bool:
@@ -224,6 +252,7 @@ def process_batch_result_dllm(original, scheduler, batch, result):
     """The scheduler step for `FastDVLMSpeculative` (dispatched from `hooks.py`)."""
     if not batch.forward_mode.is_dllm_extend():
         original(scheduler, batch, result)  # context pass: SGLang only reports prefill stats
+        record_prompt_logprobs(scheduler, batch, result)
         states = result.dllm_algo_state or [None] * batch.batch_size()
         streamed = []
         record = metrics.enabled(scheduler)

@@ -4,7 +4,7 @@ Per request (SGLang's separate-context-encoding flow plus the scheduler step of
 `spec_scheduler.py`):
 
 1. admission (`validate_request`, SGLang's per-request algorithm entry point): refuse what the
-   algorithm cannot honour (prompt logprobs, beam search, custom logit processors) and put a `SpecState`
+   algorithm cannot honour (beam search, custom logit processors, sampling masks) and put a `SpecState`
    with the request's sampling settings on the request (`req.dllm_algo_state`); a grammar
    (json_schema, regex, ...) is SGLang's matcher on `req.grammar`, walked through each round's
    drafts (`structured_output.py`);
@@ -154,22 +154,28 @@ class SpecState:
     grammar: Any = field(default=None, compare=False, repr=False)
     grammar_walked: int | None = None  # None: the round walked no grammar
     # Output logprobs (`logprobs` / `top_logprobs`, SGLang's return_logprob): None: not asked;
-    # else how many top alternatives per token. `logprob_rows`: the last forward's, per position it
-    # chose a token at (chosen token's logprob, top values, top ids), read at commit.
+    # else how many top alternatives per token; `token_ids_logprob`: ids scored at every output
+    # position too (SGLang's token_ids_logprob; /v1/score reads them). `logprob_rows`: the last
+    # forward's, per position it chose a token at (chosen token's logprob, top values, top ids,
+    # the given ids' values), read at commit.
     top_logprobs: int | None = None
+    token_ids_logprob: tuple[int, ...] | None = None
     logprob_rows: tuple = field(default=(), compare=False, repr=False)
 
     @classmethod
-    def from_request(cls, sampling_params, stop_token_ids=(), top_logprobs: int | None = None) -> SpecState:
+    def from_request(cls, sampling_params, stop_token_ids=(), top_logprobs: int | None = None,
+                     token_ids_logprob=None) -> SpecState:
         """SGLang's normalised sampling params: temperature 0 arrives as top_k == 1.
         `stop_token_ids`: the request's stop set as SGLang's min_new_tokens penalizer builds it;
-        `top_logprobs`: None, or the top alternatives to return with each token's logprob."""
+        `top_logprobs`: None, or the top alternatives to return with each token's logprob;
+        `token_ids_logprob`: ids whose logprobs to return at each output position too."""
         top_k = int(sampling_params.top_k)
         pin = (sampling_params.custom_params or {}).get("draft_length")
         # SGLang sets (not adds) each bias; keys "1" and "01" are one token, the last one wins.
         bias = {int(k): float(v) for k, v in (getattr(sampling_params, "logit_bias", None) or {}).items()}
         min_new = int(getattr(sampling_params, "min_new_tokens", 0) or 0)
         common = dict(sampling_seed=sampling_params.sampling_seed, draft_length=pin, top_logprobs=top_logprobs,
+                      token_ids_logprob=tuple(int(t) for t in token_ids_logprob) if token_ids_logprob else None,
                       logit_bias=tuple(sorted(bias.items())), min_new_tokens=min_new,
                       stop_token_ids=tuple(sorted(set(stop_token_ids))) if min_new else (),
                       frequency_penalty=float(getattr(sampling_params, "frequency_penalty", 0.0) or 0.0),
@@ -295,35 +301,39 @@ def choose_step(logits: torch.Tensor, states: list[SpecState], step: int,
 
 
 def logprob_tensors(rows: torch.Tensor, state: SpecState, tokens: torch.Tensor) -> torch.Tensor:
-    """[n, 1 + 2N] for `rows` [n, V], the logits a row chose `tokens` [n] from (after AR's
+    """[n, 1 + 2N + M] for `rows` [n, V], the logits a row chose `tokens` [n] from (after AR's
     adjustments and its grammar's mask): per position the chosen token's logprob, the top N
-    values, the top N ids (as float64: exact for any vocabulary). As SGLang's AR sampler returns
-    them: log_softmax of those logits, divided by the temperature when sampling (the distribution
-    before top-k / top-p / min-p filtering)."""
+    values, the top N ids (as float64: exact for any vocabulary), the M `token_ids_logprob`
+    values. As SGLang's AR sampler returns them: log_softmax of those logits, divided by the
+    temperature when sampling (the distribution before top-k / top-p / min-p filtering)."""
     lp = torch.log_softmax(rows.float() / (state.temperature if not state.greedy else 1.0), dim=-1)
     cols = [lp.gather(-1, tokens.long()[:, None])]
     if state.top_logprobs:
         top = lp.topk(min(state.top_logprobs, lp.shape[-1]), dim=-1)
         cols += [top.values, top.indices.to(lp.dtype)]
+    if state.token_ids_logprob:
+        cols.append(lp[:, list(state.token_ids_logprob)])
     return torch.cat(cols, dim=1).double()
 
 
-def logprob_rows(tensors: list[torch.Tensor | None]) -> list[tuple]:
-    """Host rows (logprob, top values, top ids) of each `logprob_tensors` block, () for rows that
-    did not ask; one host sync for the batch."""
+def logprob_rows(tensors: list[torch.Tensor | None], states: list[SpecState]) -> list[tuple]:
+    """Host rows (logprob, top values, top ids, token_ids_logprob values) of each
+    `logprob_tensors` block (made with `states[i]`), () for rows that did not ask; one host sync
+    for the batch."""
     blocks = [t for t in tensors if t is not None]
     host = iter(torch.cat([b.reshape(-1) for b in blocks]).tolist() if blocks else [])
     out = []
-    for t in tensors:
+    for t, state in zip(tensors, states):
         if t is None:
             out.append(())
             continue
         n, width = t.shape
-        top = (width - 1) // 2
+        given = len(state.token_ids_logprob or ())
+        top = (width - 1 - given) // 2
         rows = []
         for _ in range(n):
             vals = [next(host) for _ in range(width)]
-            rows.append((vals[0], vals[1:1 + top], [int(v) for v in vals[1 + top:]]))
+            rows.append((vals[0], vals[1:1 + top], [int(v) for v in vals[1 + top:1 + 2 * top]], vals[1 + 2 * top:]))
         out.append(tuple(rows))
     return out
 
@@ -424,14 +434,14 @@ class FastDVLMSpeculative(DllmAlgorithm):
         # byte); this is the same rule for requests that reach the scheduler another way.
         sp = req.sampling_params
         logprob = getattr(req, "logprob", None)
-        error = spec_refusal(lambda name: getattr(sp, name, None), False,
-                             getattr(req, "custom_logit_processor", None), lambda: req.dllm_config.block_size,
-                             token_ids_logprob=req.return_logprob and getattr(logprob, "token_ids_logprob", None))
+        error = spec_refusal(lambda name: getattr(sp, name, None),
+                             getattr(req, "custom_logit_processor", None), lambda: req.dllm_config.block_size)
         if error:
             return error
         if not isinstance(req.dllm_algo_state, SpecState):
             top = int(getattr(logprob, "top_logprobs_num", 0) or 0) if req.return_logprob else None
-            state = SpecState.from_request(sp, stop_token_ids(req), top_logprobs=top)
+            given = getattr(logprob, "token_ids_logprob", None) if req.return_logprob else None
+            state = SpecState.from_request(sp, stop_token_ids(req), top_logprobs=top, token_ids_logprob=given)
             if not state.greedy and state.sampling_seed is None:
                 from sglang.srt.runtime_context import get_server_args
 
@@ -477,7 +487,7 @@ class FastDVLMSpeculative(DllmAlgorithm):
                                    chosen[i:i + 1]) if s.top_logprobs is not None else None
                    for i, s in enumerate(states)]
         seeds = chosen.tolist()  # the one host sync (and one more for logprobs, when asked)
-        rows = logprob_rows(tensors)
+        rows = logprob_rows(tensors, states)
         states = [dataclasses.replace(s, seed=int(t), nfe=s.nfe + (s.rounds > 0), logprob_rows=r)
                   for s, t, r in zip(states, seeds, rows)]
         return out.logits_output, [], None, states, out.can_run_graph
@@ -561,7 +571,7 @@ class FastDVLMSpeculative(DllmAlgorithm):
         next_seed = verify.gather(1, accepted[:, None])
         packed = torch.cat([accepted[:, None], next_seed, draft], dim=1).tolist()  # the sync
 
-        logprobs = logprob_rows(tensors)  # per verify position; the commit keeps the first k + 1
+        logprobs = logprob_rows(tensors, states)  # per verify position; the commit keeps the first k + 1
 
         commits, states_out = [], []
         walked = walk.walked if walk is not None else [None] * bs
@@ -618,7 +628,7 @@ class FastDVLMSpeculative(DllmAlgorithm):
                 tokens[:, j].index_copy_(0, rows, chosen)
                 last = last.index_copy(0, rows, chosen.to(last.dtype))
         packed = tokens.tolist()  # the sync
-        logprobs = logprob_rows([torch.cat(p) if p else None for p in logprob_parts])
+        logprobs = logprob_rows([torch.cat(p) if p else None for p in logprob_parts], states)
         walked = walk.walked if walk is not None else [None] * bs
         commits, states_out = [], []
         for state, row, length, m, lp in zip(states, packed, lengths, walked, logprobs):

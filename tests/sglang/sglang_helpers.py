@@ -66,3 +66,45 @@ def wait_for(predicate, timeout: float = 60.0) -> bool:
             return True
         time.sleep(0.5)
     return predicate()
+
+
+def reference_log_probs(checkpoint, input_ids: list[int], pixel_values=None, image_grid_thw=None):
+    """The reference model's (`fast_dvlm_sglang.model`, float64 log-softmax of its float32 logits)
+    causal log-probabilities at every prompt position, [len(input_ids), vocab]: row p scores the
+    token after position p. The oracle for the prompt logprobs a server returns."""
+    import torch
+
+    from fast_dvlm_sglang.attention_masks import causal_mask
+    from fast_dvlm_sglang.model import FastDVLMForConditionalGeneration
+
+    model = FastDVLMForConditionalGeneration.from_pretrained(checkpoint).eval()
+    ids = torch.tensor([input_ids])
+    with torch.no_grad():
+        emb = model.embed(ids, pixel_values, image_grid_thw)
+        logits = model(emb, model.rope_positions(ids, image_grid_thw), causal_mask(ids.shape[1]))
+    return torch.log_softmax(logits[0].double(), dim=-1)
+
+
+def assert_prompt_logprobs(meta: dict, input_ids: list[int], logp, start: int, top: int = 0, atol: float = 2e-4,
+                           skip_ids=()) -> None:
+    """SGLang's prompt-logprob lists in `meta` (/generate's meta_info with `logprob_start_len` =
+    `start`) against the reference `logp` (`reference_log_probs`): one entry per prompt token from
+    `start` on, its token id, and the first without a value (SGLang scores token p from row p - 1
+    only for the tokens after the first it returns); `top` > 0: the top-`top` values too. Tokens
+    in `skip_ids` (image placeholders, which SGLang replaces by a hash) are not compared."""
+    import torch
+
+    served = meta["input_token_logprobs"]
+    assert [t[1] for t in served if t[1] not in skip_ids] == [t for t in input_ids[start:] if t not in skip_ids]
+    assert served[0][0] is None and len(served) == len(input_ids) - start
+    keep = [i for i in range(start + 1, len(input_ids)) if input_ids[i] not in skip_ids]
+    got = torch.tensor([served[i - start][0] for i in keep], dtype=torch.float64)
+    want = torch.tensor([float(logp[i - 1, input_ids[i]]) for i in keep], dtype=torch.float64)
+    torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    if top:
+        rows = meta["input_top_logprobs"]
+        assert len(rows) == len(served) and rows[0] is None
+        got = torch.tensor([[v for v, _, _ in rows[i - start]] for i in range(start + 1, len(input_ids))],
+                           dtype=torch.float64).reshape(-1, top)
+        want = logp[start:len(input_ids) - 1].topk(top, dim=-1).values
+        torch.testing.assert_close(got, want, atol=atol, rtol=0)

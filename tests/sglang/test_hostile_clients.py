@@ -340,11 +340,8 @@ def _generate(**sampling) -> dict:
 
 
 REFUSALS = {
-    "completions_echo_logprobs": ("/v1/completions", lambda: _completion(logprobs=2, echo=True), "prompt logprobs"),
-    "generate_prompt_logprobs": ("/generate", lambda: _generate() | {"return_logprob": True, "logprob_start_len": 0},
-                                 "prompt logprobs"),
-    "generate_token_ids_logprob": ("/generate", lambda: _generate() | {"return_logprob": True,
-                                                                      "token_ids_logprob": [5, 7]}, "token_ids_logprob"),
+    "generate_token_ids_logprob_out_of_vocab": ("/generate", lambda: _generate() | {
+        "return_logprob": True, "token_ids_logprob": [5, 10 ** 9]}, "out-of-vocabulary"),
     "chat_unknown_model": ("/v1/chat/completions", lambda: chat(image_url()) | {"model": "no-such-model"},
                            "does not exist"),
     "chat_too_many_images": ("/v1/chat/completions", lambda: chat([image_url()] * 6), "--max-images"),

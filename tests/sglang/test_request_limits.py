@@ -307,8 +307,8 @@ def test_http_side_and_scheduler_side_refusals_agree(options):
     from fast_dvlm_sglang.sglang_plugin.request_checks import spec_refusal
 
     sp = SamplingParams(max_new_tokens=4, **options)
-    http_side = spec_refusal(options.get, False, None, lambda: 32)
-    scheduler_side = spec_refusal(lambda name: getattr(sp, name, None), False, None, lambda: 32)
+    http_side = spec_refusal(options.get, None, lambda: 32)
+    scheduler_side = spec_refusal(lambda name: getattr(sp, name, None), None, lambda: 32)
     assert http_side == scheduler_side
     bad = set(options) - {"temperature", "top_p", "custom_params", "min_p", "logit_bias", "min_new_tokens",
                           "frequency_penalty", "presence_penalty", "repetition_penalty", "json_schema", "regex"}

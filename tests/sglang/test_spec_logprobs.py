@@ -4,7 +4,9 @@ Each committed token's logprob comes from the verify pass's logits at its positi
 adjustments and the grammar mask), as SGLang's AR sampler computes it from the decode step's
 logits. The two forwards differ in shape (a verify block against a one-token step), so values
 agree to float32 noise, not bit for bit: measured on the demo model on this CPU, at most 1.6e-5
-(greedy, with a regex and with penalties); the tolerance is 1e-4. Prompt logprobs are refused.
+(greedy, with a regex and with penalties); the tolerance is 1e-4. Prompt logprobs come from the
+causal context pass, the same EXTEND forward as AR's prefill (`spec_scheduler.record_prompt_logprobs`);
+logprobs of given token ids (`token_ids_logprob`, /v1/score) from both.
 """
 
 from __future__ import annotations
@@ -29,26 +31,27 @@ def test_logprob_rows_are_log_softmax_at_the_temperature_packed_per_position(see
 
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    states = [SpecState(top_logprobs=rng.choice([None, 0, 1, 5]), temperature=rng.choice([0.0, 0.7, 1.3]))
-              for _ in range(4)]
+    states = [SpecState(top_logprobs=rng.choice([None, 0, 1, 5]), temperature=rng.choice([0.0, 0.7, 1.3]),
+                        token_ids_logprob=rng.choice([None, (3,), (49, 0, 7, 7)])) for _ in range(4)]
     logits = [torch.randn(rng.randint(1, 6), 50, generator=gen) * 4 for _ in states]
     tokens = [torch.randint(0, 50, (x.shape[0],), generator=gen) for x in logits]
     tensors = [logprob_tensors(x, s, t) if s.top_logprobs is not None else None
                for x, s, t in zip(logits, states, tokens)]
-    rows = logprob_rows(tensors)
+    rows = logprob_rows(tensors, states)
     for x, s, t, row in zip(logits, states, tokens, rows):
         if s.top_logprobs is None:
             assert row == ()
             continue
         want = torch.log_softmax(x / (s.temperature or 1.0), dim=-1)
         assert len(row) == x.shape[0]
-        for j, (value, top_values, top_ids) in enumerate(row):
+        for j, (value, top_values, top_ids, given) in enumerate(row):
             assert value == pytest.approx(float(want[j, t[j]]), abs=1e-6)
             assert len(top_values) == len(top_ids) == s.top_logprobs
             ranked = want[j].topk(s.top_logprobs) if s.top_logprobs else None
             if ranked is not None:
                 assert top_ids == ranked.indices.tolist()
                 assert top_values == pytest.approx(ranked.values.tolist(), abs=1e-6)
+            assert given == pytest.approx([float(want[j, i]) for i in s.token_ids_logprob or ()], abs=1e-6)
 
 
 # ---- through the servers (demo model) -------------------------------------------------------------
@@ -176,18 +179,83 @@ def test_sampled_logprobs_are_the_temperature_distributions(demo_spec_and_ar):
             assert value == pytest.approx(next(v for v, t, _ in top if t == token), abs=1e-6)
 
 
-@pytest.mark.parametrize("case", ["generate_prompt_logprobs", "completions_echo", "generate_token_ids_logprob"])
-def test_prompt_logprobs_are_refused(demo_spec_and_ar, case):
+def test_prompt_logprobs_equal_ars_with_images_and_through_echo(demo_spec_and_ar):
+    """Prompt logprobs (`logprob_start_len`, completions' `echo`): spec's causal context pass and
+    AR's prefill are the same EXTEND forward of the prompt, so every value agrees to float32
+    noise, an image prompt's included; 8 requests at once, starts 0 and mid-prompt."""
+    import concurrent.futures as cf
+
     import httpx
 
-    spec, _ = demo_spec_and_ar
-    if case == "completions_echo":
-        r = httpx.post(spec.base_url + "/v1/completions", timeout=60, json={
-            "model": "default", "prompt": "There is a", "max_tokens": 4, "logprobs": 2, "echo": True})
-    else:
-        extra = {"logprob_start_len": 0} if case == "generate_prompt_logprobs" else {"token_ids_logprob": [5, 7]}
-        r = httpx.post(spec.base_url + "/generate", timeout=60, json={
-            "text": "There is a", "return_logprob": True, "sampling_params": {"max_new_tokens": 4}, **extra})
-    assert r.status_code == 400, r.text[:300]
-    assert "does not support" in r.text
+    spec, ar = demo_spec_and_ar
+
+    def run(server, job, start):
+        text, url = job
+        body = {"text": text, "return_logprob": True, "logprob_start_len": start, "top_logprobs_num": 2,
+                "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+        if url:
+            body["image_data"] = url
+        r = httpx.post(server.base_url + "/generate", json=body, timeout=300)
+        r.raise_for_status()
+        return r.json()["meta_info"]
+
+    jobs = [(job, 0 if i % 2 else 7) for i, job in enumerate(_prompts())]
+    with cf.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda js: run(spec, *js), jobs))
+    for i, (g, (job, start)) in enumerate(zip(got, jobs)):
+        w = run(ar, job, start)
+        assert [t for _, t, _ in g["input_token_logprobs"]] == [t for _, t, _ in w["input_token_logprobs"]], i
+        assert g["input_token_logprobs"][0][0] is None and w["input_token_logprobs"][0][0] is None
+        assert [v for v, _, _ in g["input_token_logprobs"][1:]] == pytest.approx(
+            [v for v, _, _ in w["input_token_logprobs"][1:]], abs=ATOL), i
+        for j, (gt, wt) in enumerate(zip(g["input_top_logprobs"][1:], w["input_top_logprobs"][1:])):
+            assert [v for v, _, _ in gt] == pytest.approx([v for v, _, _ in wt], abs=ATOL), (i, j)
+    kw = dict(model="default", prompt="There is a red square at the top left of a", max_tokens=4, temperature=0,
+              logprobs=2, echo=True)
+    ours, theirs = (server.client().completions.create(**kw).choices[0] for server in (spec, ar))
+    assert ours.text == theirs.text and ours.logprobs.tokens == theirs.logprobs.tokens
+    assert ours.logprobs.token_logprobs[0] is None and theirs.logprobs.token_logprobs[0] is None
+    assert ours.logprobs.token_logprobs[1:] == pytest.approx(theirs.logprobs.token_logprobs[1:], abs=ATOL)
+    assert spec.healthy()
+
+
+def test_token_ids_logprob_and_score_equal_ars(demo_spec_and_ar):
+    """`token_ids_logprob` (the given ids scored at every prompt and output position) and SGLang's
+    /v1/score (label ids scored after each item, read from the first output position) give AR's
+    values; the output positions include accepted drafts (whole blocks pinned)."""
+    import httpx
+
+    spec, ar = demo_spec_and_ar
+    text, url = _prompts()[1]
+    given = [13, 220, 264, 3, 0]
+
+    def run(server, **extra):
+        body = {"text": text, "return_logprob": True, "token_ids_logprob": given, "logprob_start_len": 0,
+                "sampling_params": {"max_new_tokens": 24, "temperature": 0, **extra}}
+        if url:
+            body["image_data"] = url
+        r = httpx.post(server.base_url + "/generate", json=body, timeout=300)
+        r.raise_for_status()
+        return r.json()
+
+    ours, theirs = run(spec, custom_params={"draft_length": 31}), run(ar)
+    assert ours["output_ids"] == theirs["output_ids"]
+    assert ours["meta_info"]["dllm_nfe"][-1] < len(ours["output_ids"])  # drafts were accepted
+    for key in ("output_token_ids_logprobs", "input_token_ids_logprobs"):
+        g, w = ours["meta_info"][key], theirs["meta_info"][key]
+        assert len(g) == len(w) > 0, key
+        for j, (gp, wp) in enumerate(zip(g, w)):
+            if wp is None:
+                assert gp is None, (key, j)
+                continue
+            assert [t for _, t, _ in gp] == [t for _, t, _ in wp] == given, (key, j)
+            assert [v for v, _, _ in gp] == pytest.approx([v for v, _, _ in wp], abs=ATOL), (key, j)
+    body = {"model": "default", "query": "Is there a red square? Answer:", "items": [" yes", " no", " maybe"],
+            "label_token_ids": given[:3], "apply_softmax": True}
+    scores = [httpx.post(server.base_url + "/v1/score", json=body, timeout=300) for server in (spec, ar)]
+    assert all(r.status_code == 200 for r in scores), [r.text[:300] for r in scores]
+    got, want = (r.json()["scores"] for r in scores)
+    assert len(got) == 3 and all(len(row) == 3 for row in got)
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, abs=ATOL)
     assert spec.healthy()

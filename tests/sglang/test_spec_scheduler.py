@@ -780,8 +780,9 @@ def test_validate_request_refuses_unsupported_features(sgl):
         return r
 
     logprobs = req()
-    logprobs.return_logprob, logprobs.logprob.token_ids_logprob = True, [3, 4]
-    assert "does not support token_ids_logprob" in FastDVLMSpeculative.validate_request(logprobs)
+    logprobs.return_logprob, logprobs.logprob.token_ids_logprob = True, [3, 4]  # served
+    assert FastDVLMSpeculative.validate_request(logprobs) is None
+    assert logprobs.dllm_algo_state.token_ids_logprob == (3, 4) and logprobs.dllm_algo_state.top_logprobs == 0
     logprobs = req()
     logprobs.return_logprob, logprobs.logprob.top_logprobs_num = True, 3  # output logprobs: served
     assert FastDVLMSpeculative.validate_request(logprobs) is None and logprobs.dllm_algo_state.top_logprobs == 3

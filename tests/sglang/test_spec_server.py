@@ -343,7 +343,7 @@ def test_prometheus_counters_add_up_to_the_responses(spec_server_tiny, tiny_ref)
     assert prometheus_value(spec_server_tiny, "fast_dvlm:spec_draft_length_count") >= rounds
 
 
-def test_output_logprobs_are_served_and_prompt_logprobs_refused(spec_server_tiny):
+def test_output_logprobs_are_served(spec_server_tiny):
     import httpx
 
     body = {"model": spec_server_tiny.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
@@ -352,9 +352,92 @@ def test_output_logprobs_are_served_and_prompt_logprobs_refused(spec_server_tiny
     assert r.status_code == 200, r.text[:300]
     content = r.json()["choices"][0]["logprobs"]["content"]
     assert len(content) == r.json()["usage"]["completion_tokens"] and all(len(t["top_logprobs"]) == 2 for t in content)
-    r = httpx.post(spec_server_tiny.base_url + "/v1/completions", timeout=120, json={
-        "model": spec_server_tiny.model, "prompt": "hi", "max_tokens": 4, "logprobs": 1, "echo": True})
-    assert r.status_code == 400 and "FastDVLMSpeculative does not support prompt logprobs" in r.text, r.text[:300]
+    assert spec_server_tiny.healthy()
+
+
+# ---- prompt logprobs: the causal context pass's, through SGLang's bookkeeping ----------------------
+def _prompt_ids(n: int, salt: int) -> list[int]:
+    """n text token ids of the tiny vocabulary (ids below 100: no special token), unique per salt so
+    no other test's prompt is a cached prefix of it."""
+    return [3 + (salt * 7919 + i * 104729) % 97 for i in range(n)]
+
+
+def _generate_ids(server, ids, max_new_tokens=3, **extra):
+    import httpx
+
+    r = httpx.post(server.base_url + "/generate", timeout=300, json={
+        "input_ids": ids, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0}, **extra})
+    assert r.status_code == 200, r.text[:300]
+    return r.json()
+
+
+@pytest.mark.parametrize("start", [0, 37, 129])
+def test_prompt_logprobs_equal_reference_across_chunks(spec_server_tiny, tiny_checkpoints, start):
+    """A 130-token prompt through a server that prefills 48 tokens at a time: the context pass runs
+    in three chunks, each adding its logprobs from `start` on (start 129: the last token only)."""
+    from sglang_helpers import assert_prompt_logprobs, reference_log_probs
+
+    ids = _prompt_ids(130, salt=start)
+    logp = reference_log_probs(tiny_checkpoints["new"], ids)
+    plain = _generate_ids(spec_server_tiny, ids)
+    body = _generate_ids(spec_server_tiny, ids, return_logprob=True, logprob_start_len=start, top_logprobs_num=3)
+    assert body["output_ids"] == plain["output_ids"]  # asking for logprobs changes no answer
+    assert_prompt_logprobs(body["meta_info"], ids, logp, start, top=3)
+    first = body["meta_info"]["output_token_logprobs"][0]  # the seed's, from the same pass's last row
+    assert first[1] == body["output_ids"][0] and first[0] == pytest.approx(float(logp[-1, first[1]]), abs=2e-4)
+    assert spec_server_tiny.healthy()
+
+
+def test_prompt_logprobs_over_a_cached_prefix_and_in_a_mixed_batch(spec_server_tiny, tiny_checkpoints):
+    """Eight requests at once, with a prompt cached before: prompt logprobs from 0, from inside and
+    from past the cached prefix, output logprobs only, and none. Each equals the reference and
+    its own answer alone (the batch's values are one flat list; each request takes its share)."""
+    from sglang_helpers import assert_prompt_logprobs, reference_log_probs
+
+    ids = _prompt_ids(100, salt=1000)
+    _generate_ids(spec_server_tiny, ids[:80])  # caches 80 tokens
+    logp = reference_log_probs(tiny_checkpoints["new"], ids)
+    asks = [{"logprob_start_len": 0}, {"logprob_start_len": 50}, {"logprob_start_len": 90}, {},
+            None, {"logprob_start_len": 5, "top_logprobs_num": 2}, None, {"logprob_start_len": 99}]
+    alone = _generate_ids(spec_server_tiny, ids, max_new_tokens=6)["output_ids"]
+    with cf.ThreadPoolExecutor(len(asks)) as pool:
+        bodies = list(pool.map(lambda ask: _generate_ids(
+            spec_server_tiny, ids, 6, **({} if ask is None else {"return_logprob": True, **ask})), asks))
+    for ask, body in zip(asks, bodies):
+        assert body["output_ids"] == alone
+        meta = body["meta_info"]
+        if ask is None:
+            assert "input_token_logprobs" not in meta or not meta["input_token_logprobs"]
+            continue
+        assert len(meta["output_token_logprobs"]) == len(alone)
+        if "logprob_start_len" in ask:
+            assert_prompt_logprobs(meta, ids, logp, ask["logprob_start_len"], top=ask.get("top_logprobs_num", 0))
+        else:
+            assert meta["input_token_logprobs"] == []
+    assert spec_server_tiny.healthy()
+
+
+def test_completions_echo_returns_prompt_logprobs(spec_server_tiny, tiny_checkpoints):
+    """OpenAI completions with `echo` (what lm-eval's loglikelihood tasks send): the prompt's
+    tokens and their logprobs, then the completion's."""
+    from openai import OpenAI
+    from sglang_helpers import reference_log_probs
+
+    from fast_dvlm_sglang.tokenizer import load_tokenizer
+
+    prompt = "the blue square is big and the red circle is small " * 3
+    ids = load_tokenizer(tiny_checkpoints["new"])(prompt)["input_ids"]
+    logp = reference_log_probs(tiny_checkpoints["new"], ids)
+    client = OpenAI(base_url=spec_server_tiny.base_url + "/v1", api_key="none")
+    r = client.completions.create(model=spec_server_tiny.model, prompt=prompt, max_tokens=4, temperature=0,
+                                  logprobs=2, echo=True)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith(prompt)
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids) + r.usage.completion_tokens
+    got = lp.token_logprobs[1:len(ids)]
+    want = [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert got == pytest.approx(want, abs=2e-4)
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
     assert spec_server_tiny.healthy()
 
 
