@@ -59,8 +59,16 @@ test:
 	$(MAKE) --no-print-directory -j2 -O test-core venv-sglang
 	$(MAKE) --no-print-directory test-sglang
 
+# The suites run with one OpenMP thread per process: `make test` runs several processes at once
+# on a few cores (pip beside the core suite, two pytest processes and their servers), and torch's
+# OpenMP threads spin while they wait for a thread another process holds off its core. Measured on
+# 2 cores, tests/test_decoders.py alone: 65 s with torch's default (2 threads), 56 s with one;
+# beside a process busy on one core: 194 s against 57 s; two copies at once: 300 s each against
+# ~66 s (2 threads, passive waiting). Serving and benchmarks keep torch's default.
+TEST_ENV := OMP_NUM_THREADS=1
+
 test-core: venv
-	$(VENV)/bin/python -m pytest -q -m "not sglang" --ignore=tests/sglang $(PYTEST_ARGS) tests
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -m "not sglang" --ignore=tests/sglang $(PYTEST_ARGS) tests
 
 # The SGLang suite as two pytest processes side by side: one alone leaves CPU idle while its
 # servers start and wait on HTTP (39% of two cores over the hostile-client and server modules;
@@ -71,7 +79,7 @@ test-sglang: venv-sglang
 	$(MAKE) --no-print-directory -j2 -O test-sglang-many-servers test-sglang-others
 
 test-sglang-many-servers test-sglang-others: venv-sglang
-	$(VENV_SGLANG)/bin/python -m pytest -q --durations=10 $(PYTEST_ARGS) \
+	$(TEST_ENV) $(VENV_SGLANG)/bin/python -m pytest -q --durations=10 $(PYTEST_ARGS) \
 		-m "sglang and $(if $(filter %-others,$@),not )many_servers_side" tests/sglang; \
 		rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
