@@ -319,11 +319,12 @@ def test_prompt_logprobs_equal_reference(servers, tiny_checkpoints, with_image):
     """Model parity through the engine: SGLang's causal prefill (our model class, its weight
     loading and M-RoPE positions) gives the reference model's log-probabilities at every prompt
     position, in float32. (Blocks over a cached prefix are checked token for token above.)"""
+    import json
+
     import httpx
     import torch
+    from sglang_helpers import reference_log_probs
 
-    from fast_dvlm_sglang.attention_masks import causal_mask
-    from fast_dvlm_sglang.model import FastDVLMForConditionalGeneration
     from fast_dvlm_sglang.processing import encode_chat, render_chat
     from fast_dvlm_sglang.tokenizer import load_processor
 
@@ -332,7 +333,7 @@ def test_prompt_logprobs_equal_reference(servers, tiny_checkpoints, with_image):
     messages = _messages(url) if with_image else [
         {"role": "user", "content": "There is a green triangle at the top right. What colour is it?"}]
     path = tiny_checkpoints["new"]
-    model, proc = FastDVLMForConditionalGeneration.from_pretrained(path).eval(), load_processor(path)
+    config, proc = json.loads((path / "config.json").read_text()), load_processor(path)
     enc = encode_chat(proc, messages)
     body = {"text": render_chat(proc, messages, add_generation_prompt=True), "return_logprob": True,
             "logprob_start_len": 0, "top_logprobs_num": 5,
@@ -345,14 +346,12 @@ def test_prompt_logprobs_equal_reference(servers, tiny_checkpoints, with_image):
     served = meta["input_token_logprobs"]  # [(logprob, token id, text)], the first has no logprob
     ids = torch.tensor([enc.input_ids])
     # SGLang replaces image pad ids by a per-image hash value inside the engine: compare the rest.
-    text_pos = ids[0] != model.config.image_token_id
-    assert int((~text_pos).sum()) == (0 if url is None else int(enc.image_grid_thw.prod(-1).sum()) // model.config.spatial_merge_size**2)
+    text_pos = ids[0] != config["image_token_id"]
+    merge = config["vision_config"]["spatial_merge_size"]
+    assert int((~text_pos).sum()) == (0 if url is None else int(enc.image_grid_thw.prod(-1).sum()) // merge**2)
     assert [t[1] for t, keep in zip(served, text_pos.tolist()) if keep] == ids[0, text_pos].tolist()
 
-    with torch.no_grad():
-        emb = model.embed(ids, enc.pixel_values, enc.image_grid_thw)
-        logits = model(emb, model.rope_positions(ids, enc.image_grid_thw), causal_mask(ids.shape[1]))
-    logp = torch.log_softmax(logits[0].double(), dim=-1)
+    logp = reference_log_probs(path, enc.input_ids, enc.pixel_values, enc.image_grid_thw)
     expected = logp[:-1].gather(1, ids[0, 1:, None])[:, 0]
     got = torch.tensor([t[0] for t in served[1:]], dtype=torch.float64)
     torch.testing.assert_close(got[text_pos[1:]], expected[text_pos[1:]], atol=2e-4, rtol=0)
