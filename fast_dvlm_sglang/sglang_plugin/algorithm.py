@@ -106,7 +106,8 @@ class FastDVLMBlock(DllmAlgorithm):
 
         sp = req.sampling_params
         return mdm_refusal(lambda name: getattr(sp, name, None), req.return_logprob,
-                           getattr(req, "custom_logit_processor", None))
+                           getattr(req, "custom_logit_processor", None),
+                           hidden_states=bool(getattr(req, "return_hidden_states", False)))
 
     @classmethod
     def configure_server_args(cls, server_args) -> None:

@@ -4,6 +4,10 @@ What the subclass adds:
 - full logits for dLLM block forwards: `LogitsProcessor(config, return_full_logits=True)`, which
   SGLang only honours in `ForwardMode.DLLM_EXTEND` (sglang/srt/layers/logits_processor.py), so
   the AR path and the causal context pass still compute last-position logits only;
+- the hidden states of dLLM block forwards, when the server captures them
+  (`--enable-return-hidden-states`; `BlockLogitsProcessor`): SGLang's DLLM_EXTEND branch returns
+  the full logits alone, and spec returns each committed token's hidden state from its verify
+  row, as AR returns the decode step's;
 - the attention mode chosen per forward (`mode_selected`): every text layer's `RadixAttention`
   runs through a bidirectional view of itself (`attn_type=AttentionType.ENCODER_ONLY`, every
   other attribute read live from the layer, same `layer_id` and KV pages) for `DLLM_EXTEND`
@@ -238,10 +242,29 @@ def prepare_block_embeds(model_runner, forward_batch) -> None:
     forward_batch.input_embeds = model_runner.model.get_input_embeddings()(forward_batch.input_ids)
 
 
+class BlockLogitsProcessor(LogitsProcessor):
+    """SGLang's LogitsProcessor with full logits for DLLM_EXTEND forwards (`return_full_logits`),
+    and, when the forward captures hidden states (the server's `--enable-return-hidden-states`
+    sets `capture_hidden_mode` on every forward), the block's hidden states with them: every
+    position, final norm applied, as SGLang's FULL capture of an extend (the speculative verify
+    pass reads the committed positions' rows, `speculative.py`)."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config, return_full_logits=True)
+
+    def forward(self, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs):
+        out = super().forward(input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
+        mode = getattr(logits_metadata, "capture_hidden_mode", None)
+        if (logits_metadata.forward_mode.is_dllm_extend() and mode is not None and mode.need_capture()
+                and out.hidden_states is None):
+            out.hidden_states = hidden_states
+        return out
+
+
 class Fast_dVLMForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):  # noqa: N801 (HF arch name)
     def __init__(self, config, quant_config=None, prefix: str = "") -> None:
         super().__init__(config, quant_config=quant_config, prefix=prefix)
-        self.logits_processor = LogitsProcessor(config, return_full_logits=True)
+        self.logits_processor = BlockLogitsProcessor(config)
         if not getattr(config, "encoder_only", False):
             for layer in self.model.layers:
                 attn = getattr(getattr(layer, "self_attn", None), "attn", None)

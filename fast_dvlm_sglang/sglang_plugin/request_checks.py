@@ -151,16 +151,19 @@ def spec_refusal(get, custom_logit_processor, block_size, *, sampling_mask: bool
     return None
 
 
-def mdm_refusal(get, return_logprob: bool, custom_logit_processor) -> str | None:
+def mdm_refusal(get, return_logprob: bool, custom_logit_processor, hidden_states: bool = False) -> str | None:
     """What `FastDVLMBlock` cannot honour exactly (same arguments as `spec_refusal`). MDM commits
     tokens by confidence, several per forward and out of order within a sub-block: there is no
     left-to-right sampling step where a grammar, a per-position logprob, an output count (the
     penalties, min_new_tokens) or a logit processor would apply. `logit_bias` is the same at every
     position and is applied (`algorithm.with_logit_bias`). Sampling settings (temperature, top_p,
-    top_k, min_p, seed) are accepted and not applied: MDM is greedy (README)."""
+    top_k, min_p, seed) are accepted and not applied: MDM is greedy (README). Hidden states
+    (`return_hidden_states`) neither: a token has no row that produced it alone."""
     from . import ALGORITHM_NAME
 
     refused = _neither_algorithm_honours(get, return_logprob, custom_logit_processor)
+    if hidden_states:
+        refused.append("return_hidden_states")
     if get("json_schema") or get("regex") or get("ebnf") or get("structural_tag"):
         refused.append("constrained decoding (json_schema / regex / ebnf / structural_tag)")
     if get("min_new_tokens"):
@@ -212,7 +215,7 @@ def generate_request_error(tokenizer_manager, obj) -> str | None:
                 error = spec_refusal(p.get, processor, lambda: block_size(tokenizer_manager),
                                      sampling_mask=bool(each(obj.return_sampling_mask, i)))
             else:
-                error = mdm_refusal(p.get, logprob, processor)
+                error = mdm_refusal(p.get, logprob, processor, hidden_states=bool(each(obj.return_hidden_states, i)))
             if error:
                 return error
     limits = current()

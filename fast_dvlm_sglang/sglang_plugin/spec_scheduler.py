@@ -41,6 +41,11 @@ the next round's `alloc_extend` fills it first, as SGLang does for its own dLLM 
 every live request: `kv_committed_len == kv_allocated_len == extend_end == prefix_len-to-be ==
 seqlen - 1`: the seed, the last committed token, has no KV yet.
 
+What a request asked to get back goes on SGLang's own per-request lists, laid out as its AR path
+lays them out: prompt logprobs and the prompt's hidden states from the context pass
+(`record_prompt_logprobs`, `record_prompt_hidden_states`), each committed token's output logprob
+and hidden state from the forward that produced it (`record_logprobs`, `record_hidden_states`).
+
 Metrics (SGLang's per-token `req.customized_info` channel; native /generate returns them in
 `meta_info`, accumulated over stream chunks):
 - `meta_info["dllm_spec_round"]`: per output token, the draft/verify rounds run when it was
@@ -148,6 +153,7 @@ def apply_round(req, tokens: list[int], state: SpecState, req_to_token_pool, all
     record_logprobs(req, state.logprob_rows[:n])
 
     req.update_finish_state(new_accepted_len=n)
+    record_hidden_states(req, state.hidden_rows, n)
     req.spec_verify_ct += 1
     req.spec_num_correct_drafts += accepted_drafts_emitted(req, n) if drafted else 0
     if req.finished():
@@ -206,6 +212,46 @@ def record_prompt_logprobs(scheduler, batch, result) -> None:
         cursor += count
 
 
+def record_prompt_hidden_states(scheduler, batch, result) -> None:
+    """The prompt's hidden states (`return_hidden_states`) from a causal context pass, laid out as
+    SGLang's AR prefill lays them out (`_append_prefill_hidden_states`): True, one entry holding
+    a row per prompt position it encoded (past a cached prefix); "last", the last position's row.
+    A prompt encoded in several chunks gets every chunk's rows in that one entry (SGLang's AR
+    prefill keeps only the last chunk's: its chunk boundaries would decide what a client gets).
+    A re-encoding pass (after a retraction, the output already has tokens) adds no prompt entry:
+    its tokens' rows were recorded when they were committed, and the next seed's is recorded
+    when it is (`adopt_context_state`)."""
+    output = result.logits_output
+    lens = result.extend_input_len_per_req
+    if not batch.return_hidden_states or output is None or output.hidden_states is None or not lens:
+        return
+    full = scheduler.batch_result_processor._get_prefill_hidden_capture_mode(batch).is_full()
+    offset = 0
+    for req, n in zip(batch.reqs, lens):
+        width = n if full else 1  # LAST capture: one row per request, its last position
+        rows = output.hidden_states[offset:offset + width]
+        offset += width
+        if not req.return_hidden_states or req.finished() or req.output_ids:
+            continue
+        if req.return_hidden_states == "last":
+            req.hidden_states[:] = [rows[-1].tolist()]
+        elif not req.hidden_states:
+            req.hidden_states.append(rows.tolist())
+        else:  # the prompt's next chunk (nothing else is recorded before the first output token)
+            req.hidden_states[0].extend(rows.tolist())
+
+
+def record_hidden_states(req, rows, n: int) -> None:
+    """The committed tokens' hidden states (`rows`: one per token, the verify row or decode step
+    that produced it) onto `req.hidden_states`, through SGLang's decode bookkeeping (after the
+    finish checks: "last" keeps the last token through the stop)."""
+    if not req.return_hidden_states or rows is None:
+        return
+    from sglang.srt.managers.scheduler_components.batch_result_processor import SchedulerBatchResultProcessor
+
+    SchedulerBatchResultProcessor._append_decode_hidden_states(req=req, hidden_states=rows, start=0, accept_len=n)
+
+
 def record_logprobs(req, rows) -> None:
     """The committed tokens' output logprobs onto SGLang's per-request lists, one entry per output
     token as its AR decode appends them (the output streamer sends them with the tokens). Input
@@ -236,6 +282,7 @@ def adopt_context_state(req, state) -> bool:
     seed finished and streams the rest."""
     if not isinstance(state, SpecState) or req.finished() or req.extend_end != req.dllm_block_offset:
         return False
+    reencoded = len(req.output_ids) > 0  # a pass after a retraction: the prompt's entry is not this seed's
     req.output_ids.append(state.seed)
     req.full_untruncated_fill_ids.append(state.seed)
     if structured_output.usable(req.grammar):
@@ -243,6 +290,8 @@ def adopt_context_state(req, state) -> bool:
     _record_metrics(req, state, 1, 0, 0)
     record_logprobs(req, state.logprob_rows[:1])
     req.update_finish_state(new_accepted_len=1)
+    if reencoded:
+        record_hidden_states(req, state.hidden_rows, 1)
     req.dllm_algo_state = None if req.finished() else state.committed(req.output_ids, budget=budget(req))
     return True
 
@@ -253,6 +302,7 @@ def process_batch_result_dllm(original, scheduler, batch, result):
     if not batch.forward_mode.is_dllm_extend():
         original(scheduler, batch, result)  # context pass: SGLang only reports prefill stats
         record_prompt_logprobs(scheduler, batch, result)
+        record_prompt_hidden_states(scheduler, batch, result)
         states = result.dllm_algo_state or [None] * batch.batch_size()
         streamed = []
         record = metrics.enabled(scheduler)

@@ -59,7 +59,11 @@ at that position: `decoding.sampling.adjust_logits`, with the output before the 
 committed output, `SpecState.produced` / `history`, then the row's drafts before it). A grammar
 masks every verify position the walk reached, after those adjustments (a -inf stays -inf under
 them, so the order is AR's in effect). Output logprobs (`logprob_tensors`) come from the same
-logits at each committed token's position, as SGLang's AR sampler computes them.
+logits at each committed token's position, as SGLang's AR sampler computes them. Hidden states
+(`return_hidden_states`, with the server's `--enable-return-hidden-states`): the prompt's from
+the context pass, then one per committed token from the verify row (or decode step) that
+produced it (`SpecState.hidden_rows`), what AR's decode steps return for the same tokens
+(`spec_scheduler.record_prompt_hidden_states` / `record_hidden_states`).
 
 Per-request state lives on the request; this object holds configuration only.
 """
@@ -68,6 +72,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,6 +166,12 @@ class SpecState:
     top_logprobs: int | None = None
     token_ids_logprob: tuple[int, ...] | None = None
     logprob_rows: tuple = field(default=(), compare=False, repr=False)
+    # Hidden states (SGLang's return_hidden_states, served with --enable-return-hidden-states):
+    # whether the request asked; `hidden_rows`: the last forward's final hidden states at the
+    # positions it chose tokens at (the row that produced each token, as AR's decode step
+    # returns its input's), on the device until the commit reads the committed ones.
+    hidden_states: bool = False
+    hidden_rows: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_request(cls, sampling_params, stop_token_ids=(), top_logprobs: int | None = None,
@@ -216,7 +227,7 @@ class SpecState:
         """This state after a commit that left `output_ids` as the request's output."""
         history = tuple(output_ids) if self.penalizes else ()
         return dataclasses.replace(self, produced=len(output_ids), history=history, grammar_walked=None,
-                                   logprob_rows=(), **changes)
+                                   logprob_rows=(), hidden_rows=None, **changes)
 
     def with_generator(self, device) -> SpecState:
         if self.greedy or self.generator is not None:
@@ -338,6 +349,19 @@ def logprob_rows(tensors: list[torch.Tensor | None], states: list[SpecState]) ->
     return out
 
 
+def last_hidden_rows(hidden: torch.Tensor | None, forward_batch, states: list[SpecState]) -> list:
+    """Each asking request's hidden state at the last position of a causal context pass (the
+    row its seed comes from), [1, H]; None for the others. `hidden`: the pass's capture, a row
+    per position (FULL) or per request (LAST)."""
+    if hidden is None or not any(s.hidden_states for s in states):
+        return [None] * len(states)
+    if hidden.shape[0] == len(states):
+        ends = list(range(len(states)))
+    else:
+        ends = [int(e) - 1 for e in itertools.accumulate(forward_batch.extend_seq_lens_cpu)]
+    return [hidden[e:e + 1] if s.hidden_states else None for s, e in zip(states, ends)]
+
+
 def round_layout(slots: list[int], prefix_lens: list[int]) -> tuple[list[int], list[int], list[int]]:
     """Host index tables of a round whose row i has `slots[i]` tokens from position
     `prefix_lens[i]` (the seed's): row starts in the flat batch, the flat index of (row i, slot j)
@@ -442,6 +466,8 @@ class FastDVLMSpeculative(DllmAlgorithm):
             top = int(getattr(logprob, "top_logprobs_num", 0) or 0) if req.return_logprob else None
             given = getattr(logprob, "token_ids_logprob", None) if req.return_logprob else None
             state = SpecState.from_request(sp, stop_token_ids(req), top_logprobs=top, token_ids_logprob=given)
+            if getattr(req, "return_hidden_states", False):
+                state = dataclasses.replace(state, hidden_states=True)
             if not state.greedy and state.sampling_seed is None:
                 from sglang.srt.runtime_context import get_server_args
 
@@ -488,8 +514,9 @@ class FastDVLMSpeculative(DllmAlgorithm):
                    for i, s in enumerate(states)]
         seeds = chosen.tolist()  # the one host sync (and one more for logprobs, when asked)
         rows = logprob_rows(tensors, states)
-        states = [dataclasses.replace(s, seed=int(t), nfe=s.nfe + (s.rounds > 0), logprob_rows=r)
-                  for s, t, r in zip(states, seeds, rows)]
+        last = last_hidden_rows(out.logits_output.hidden_states, forward_batch, states)
+        states = [dataclasses.replace(s, seed=int(t), nfe=s.nfe + (s.rounds > 0), logprob_rows=r, hidden_rows=h)
+                  for s, t, r, h in zip(states, seeds, rows, last)]
         return out.logits_output, [], None, states, out.can_run_graph
 
     def _round(self, model_runner, forward_batch, states: list[SpecState]):
@@ -572,16 +599,19 @@ class FastDVLMSpeculative(DllmAlgorithm):
         packed = torch.cat([accepted[:, None], next_seed, draft], dim=1).tolist()  # the sync
 
         logprobs = logprob_rows(tensors, states)  # per verify position; the commit keeps the first k + 1
+        hidden = out.logits_output.hidden_states  # [tokens, H] when the server captures them
 
         commits, states_out = [], []
         walked = walk.walked if walk is not None else [None] * bs
-        for state, row, length, m, lp in zip(states, packed, lengths, walked, logprobs):
+        for state, row, length, m, lp, start in zip(states, packed, lengths, walked, logprobs, starts):
             k = int(row[0])
             commits.append(row[2:2 + k] + row[1:2])  # d_1..d_k, the next seed
             nfe = 1 + (length > 1)  # as the reference counts it: no draft pass at length 1
+            # Verify row j (the seed, then d_j) produced committed token j.
+            rows_h = hidden[start:start + k + 1] if state.hidden_states and hidden is not None else None
             states_out.append(dataclasses.replace(state, seed=int(row[1]), rounds=state.rounds + 1, width=length,
                                                   nfe=state.nfe + nfe, grammar_walked=m,
-                                                  logprob_rows=lp[:k + 1]))
+                                                  logprob_rows=lp[:k + 1], hidden_rows=rows_h))
         return out.logits_output, commits, [len(c) for c in commits], states_out, out.can_run_graph
 
     def _ar_steps(self, model_runner, forward_batch, states: list[SpecState], lengths: list[int], starts: list[int],
@@ -603,6 +633,7 @@ class FastDVLMSpeculative(DllmAlgorithm):
         constrained = [i for i, s in enumerate(states) if structured_output.usable(s.grammar)]
         walk = None
         logprob_parts: list[list[torch.Tensor]] = [[] for _ in states]
+        hidden_parts: list[list[torch.Tensor]] = [[] for _ in states]  # each step's row, when asked
         out = None
         for j, step in enumerate(plan.steps):
             rows, slots, pos, seq = (steps_table[a:b] for a, b in step.spans)
@@ -618,9 +649,12 @@ class FastDVLMSpeculative(DllmAlgorithm):
                 structured_output.apply(logits, states[constrained[0]].grammar, walk.mask)
             stepping = [states[i] for i in step.rows]
             chosen, adjusted = choose_step(logits, stepping, j, [tokens[i, :j] for i in step.rows])
+            hidden = out.logits_output.hidden_states  # [rows, H]: each stepping row's input position
             for at, (i, s) in enumerate(zip(step.rows, stepping)):
                 if s.top_logprobs is not None:
                     logprob_parts[i].append(logprob_tensors(adjusted.get(at, logits[at:at + 1]), s, chosen[at:at + 1]))
+                if s.hidden_states and hidden is not None:
+                    hidden_parts[i].append(hidden[at:at + 1])
             if everyone:
                 tokens[:, j] = chosen
                 last = chosen.to(last.dtype)
@@ -631,11 +665,12 @@ class FastDVLMSpeculative(DllmAlgorithm):
         logprobs = logprob_rows([torch.cat(p) if p else None for p in logprob_parts], states)
         walked = walk.walked if walk is not None else [None] * bs
         commits, states_out = [], []
-        for state, row, length, m, lp in zip(states, packed, lengths, walked, logprobs):
+        for state, row, length, m, lp, hp in zip(states, packed, lengths, walked, logprobs, hidden_parts):
             commits.append(row[:length])  # the steps' tokens; the last is the next seed
             states_out.append(dataclasses.replace(state, seed=int(row[length - 1]), rounds=state.rounds + 1,
                                                   width=length, nfe=state.nfe + length, grammar_walked=m,
-                                                  logprob_rows=lp[:length]))
+                                                  logprob_rows=lp[:length],
+                                                  hidden_rows=torch.cat(hp) if hp else None))
         return out.logits_output, commits, [len(c) for c in commits], states_out, out.can_run_graph
 
     def _walk_grammars(self, states, starts, lengths, constrained, ids, logits, adjusted=None, shifted=None):

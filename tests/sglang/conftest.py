@@ -81,12 +81,14 @@ SPEC_MAX_RUNNING = 16
 def spec_server_tiny(tiny_checkpoints, tmp_path_factory):
     """`fast-dvlm serve --algorithm spec` on the tiny random model (tied embeddings, new layout),
     16 concurrent requests, chunked prefill at 48 tokens (long prompts and images run in several
-    context passes), the radix cache on (SGLang's default), /metrics on."""
+    context passes), the radix cache on (SGLang's default), /metrics on, hidden states returned
+    on request."""
     from fast_dvlm_sglang.server_process import ServeProcess
 
     log = tmp_path_factory.mktemp("spec_logs") / "spec_tiny.log"
     server = ServeProcess(tiny_checkpoints["new"], "spec", log, max_running=SPEC_MAX_RUNNING,
-                          sglang_args=["--chunked-prefill-size", "48", "--enable-metrics"])
+                          sglang_args=["--chunked-prefill-size", "48", "--enable-metrics",
+                                       "--enable-return-hidden-states"])
     try:
         server.wait_ready()
         yield server
@@ -97,14 +99,15 @@ def spec_server_tiny(tiny_checkpoints, tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_spec_and_ar(tmp_path_factory):
     """A spec and an AR server on the demo model with the same SGLang flags: JSON without free
-    whitespace (so JSON answers end), /metrics on, and AR without SGLang's overlap scheduler, as
-    the dLLM servers always run (with it AR applies penalties one token late: the counts of a
-    step miss the token chosen just before it, visible in the returned logprobs)."""
+    whitespace (so JSON answers end), /metrics on, hidden states returned on request, and AR
+    without SGLang's overlap scheduler, as the dLLM servers always run (with it AR applies
+    penalties one token late: the counts of a step miss the token chosen just before it, visible
+    in the returned logprobs)."""
     from fast_dvlm_sglang.demo import DEMO_CHECKPOINT
     from fast_dvlm_sglang.server_process import ServeProcess
 
     logs = tmp_path_factory.mktemp("demo_spec_ar_logs")
-    flags = ["--constrained-json-disable-any-whitespace", "--enable-metrics"]
+    flags = ["--constrained-json-disable-any-whitespace", "--enable-metrics", "--enable-return-hidden-states"]
     spec = ServeProcess(DEMO_CHECKPOINT, "spec", logs / "spec.log", max_running=16, sglang_args=flags)
     ar = ServeProcess(DEMO_CHECKPOINT, "ar", logs / "ar.log", max_running=16,
                       sglang_args=[*flags, "--disable-overlap-schedule"])

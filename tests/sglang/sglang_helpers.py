@@ -85,6 +85,23 @@ def reference_log_probs(checkpoint, input_ids: list[int], pixel_values=None, ima
     return torch.log_softmax(logits[0].double(), dim=-1)
 
 
+def reference_hidden_states(checkpoint, input_ids: list[int]):
+    """The reference model's final hidden states (after the last norm, what the LM head reads) at
+    every position of a text prompt, causally, [len(input_ids), hidden]: the oracle for the hidden
+    states a server returns (`return_hidden_states`)."""
+    import torch
+
+    from fast_dvlm_sglang.attention_masks import causal_mask
+    from fast_dvlm_sglang.model import FastDVLMForConditionalGeneration
+
+    model = FastDVLMForConditionalGeneration.from_pretrained(checkpoint).eval()
+    ids = torch.tensor([input_ids])
+    with torch.no_grad():
+        emb = model.embed(ids, None, None)
+        hidden = model.model.language_model(emb, model.rope_positions(ids, None), causal_mask(ids.shape[1]))
+    return hidden[0]
+
+
 def assert_prompt_logprobs(meta: dict, input_ids: list[int], logp, start: int, top: int = 0, atol: float = 2e-4,
                            skip_ids=()) -> None:
     """SGLang's prompt-logprob lists in `meta` (/generate's meta_info with `logprob_start_len` =

@@ -323,3 +323,24 @@ def test_http_side_and_scheduler_side_refusals_agree(options):
               if k not in ("json_schema", "regex", "min_new_tokens", "frequency_penalty", "presence_penalty")
               and not (k == "repetition_penalty" and v != 1.0)}
     assert (mdm_http is None) == (mdm_ok == options)
+
+
+@pytest.mark.parametrize("asked", [False, True, "last"])
+def test_hidden_states_are_refused_by_mdm_alone_on_both_sides(asked):
+    """Spec returns hidden states (tests/sglang/test_spec_hidden_states.py); MDM refuses them, in
+    the HTTP process and in the scheduler alike."""
+    from types import SimpleNamespace
+
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from fast_dvlm_sglang.sglang_plugin.algorithm import FastDVLMBlock
+    from fast_dvlm_sglang.sglang_plugin.request_checks import mdm_refusal, spec_refusal
+
+    http_side = mdm_refusal({}.get, False, None, hidden_states=bool(asked))
+    req = SimpleNamespace(sampling_params=SamplingParams(max_new_tokens=4), return_logprob=False,
+                          custom_logit_processor=None, return_hidden_states=asked)
+    assert FastDVLMBlock.validate_request(req) == http_side
+    assert (http_side is not None) == bool(asked)
+    if asked:
+        assert "return_hidden_states" in http_side and "mdm" in http_side
+    assert spec_refusal({}.get, None, lambda: 32) is None

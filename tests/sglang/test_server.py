@@ -270,14 +270,16 @@ MDM_REFUSED = {
     "min_tokens": ({"min_tokens": 3}, "min_new_tokens"),
     "frequency_penalty": ({"frequency_penalty": 0.5}, "frequency_penalty"),
     "repetition_penalty": ({"repetition_penalty": 1.3}, "repetition_penalty"),
+    "return_hidden_states": ({"return_hidden_states": True}, "return_hidden_states"),
 }
 
 
 @pytest.mark.parametrize("case", list(MDM_REFUSED))
 def test_mdm_refuses_what_it_cannot_apply(servers, case):
     """MDM unmasks by confidence, not left to right: a grammar, logprobs, min_new_tokens or a
-    penalty has no sampling step to apply at, so it is a 400 naming the option (not a silently
-    unconstrained answer); neutral values (penalty 0, repetition 1) pass."""
+    penalty has no sampling step to apply at, and a token no row that produced it alone (hidden
+    states), so it is a 400 naming the option (not a silently unconstrained answer, or one
+    without the states asked for); neutral values (penalty 0, repetition 1) pass."""
     server = servers["mdm"]
     extra, needle = MDM_REFUSED[case]
     r = _post(server, {"model": server.model, "messages": _messages(image_url()), "max_tokens": 8, **extra})

@@ -94,6 +94,7 @@ class FakeRunner:
     counts the plans (`metadata_inits`)."""
 
     def __init__(self, wrong_every: int = 5, hard_from: int | None = None, req_to_token=None):
+        self.hidden = False  # True: every forward captures hidden states, a row [token, position] per input
         self.wrong_every = wrong_every
         self.hard_from = hard_from  # every draft token at this position or later is wrong
         self.req_to_token = req_to_token  # the pool's table: a decode step's KV slots are checked against it
@@ -125,11 +126,15 @@ class FakeRunner:
                 slots = self.req_to_token[fb.req_pool_indices.long(), pos]
                 assert torch.equal(fb.out_cache_loc.long(), slots.long()), "a decode step writes another slot"
             logits = torch.nn.functional.one_hot(nxt(ids, pos), V).float() * 10
-            return SimpleNamespace(logits_output=SimpleNamespace(next_token_logits=logits), can_run_graph=False)
+            return SimpleNamespace(logits_output=SimpleNamespace(next_token_logits=logits,
+                                                                 hidden_states=self._hidden(ids, pos)),
+                                   can_run_graph=False)
         if not fb.forward_mode.is_dllm_extend():
             ends = torch.cumsum(fb.extend_seq_lens, 0) - 1
             logits = torch.nn.functional.one_hot(nxt(ids[ends], pos[ends]), V).float() * 10
-            return SimpleNamespace(logits_output=SimpleNamespace(next_token_logits=logits), can_run_graph=False)
+            return SimpleNamespace(logits_output=SimpleNamespace(next_token_logits=logits,
+                                                                 hidden_states=self._hidden(ids, pos)),
+                                   can_run_graph=False)
         # Rows of any widths (`extend_seq_lens`), at the positions the round laid out.
         assert pos.numel() == ids.numel(), "positions not laid out for this round's rows"
         starts = [0] + torch.tensor(rows).cumsum(0)[:-1].tolist()
@@ -152,7 +157,12 @@ class FakeRunner:
                     prev = true
             at += n
         logits = torch.nn.functional.one_hot(tgt, V).float() * 10
-        return SimpleNamespace(logits_output=SimpleNamespace(full_logits=logits), can_run_graph=False)
+        return SimpleNamespace(logits_output=SimpleNamespace(full_logits=logits, hidden_states=self._hidden(ids, pos)),
+                               can_run_graph=False)
+
+    def _hidden(self, ids, pos):
+        """SGLang's FULL capture: a row per input position (here [its token, its position])."""
+        return torch.stack([ids.float(), pos.float()], dim=1) if self.hidden else None
 
 
 class _StagingAdder:
@@ -197,6 +207,7 @@ class Harness:
         from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
         from sglang.srt.mem_cache.unified_cache.components import ComponentType
         from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+        from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 
         from fast_dvlm_sglang.sglang_plugin.speculative import FastDVLMSpeculative
 
@@ -240,6 +251,9 @@ class Harness:
                 self.output_streamer = _Recorder()
                 self.disaggregation_mode = DisaggregationMode.NULL
                 self.server_args = SimpleNamespace(device="cpu")
+                # the server's capture of hidden states (`--enable-return-hidden-states`: FULL)
+                self.batch_result_processor = SimpleNamespace(
+                    _get_prefill_hidden_capture_mode=lambda batch: CaptureHiddenMode.FULL)
                 # what SGLang's admission loop (`process_dllm_incoming_reqs`) reads
                 self.enable_priority_preemption = False
                 self.truncation_align_size = None
@@ -262,14 +276,15 @@ class Harness:
 
     # -- requests --
     def add(self, prompt: list[int], max_new_tokens: int, eos: set[int] = frozenset(), rid: str | None = None,
-            stop: list[str] | None = None, tokenizer=None, **sampling):
+            stop: list[str] | None = None, tokenizer=None, return_hidden_states=False, **sampling):
         from sglang.srt.managers.schedule_batch import Req
         from sglang.srt.sampling.sampling_params import SamplingParams
 
         sp = SamplingParams(max_new_tokens=max_new_tokens, stop=stop, **{"temperature": 0, **sampling})
         sp.normalize(tokenizer)
         req = Req(rid or f"r{len(self.reqs) + len(self.done)}", "", array("q", prompt), sp,
-                  dllm_config=self.dllm_config, eos_token_ids=set(eos), vocab_size=V)
+                  dllm_config=self.dllm_config, eos_token_ids=set(eos), vocab_size=V,
+                  return_hidden_states=return_hidden_states)
         req.tokenizer = tokenizer
         assert self.algo.validate_request(req) is None
         self.reqs.append(req)
@@ -336,9 +351,10 @@ class Harness:
                               seq_lens_cpu=batch.seq_lens_cpu, out_cache_loc=batch.out_cache_loc)
         free_before = self.alloc.available_size()
         calls_before = len(self.runner.calls)
-        _, next_ids, accept, states, graph = self.algo.run(self.runner, fb, [r.dllm_algo_state for r in batch_reqs])
+        out, next_ids, accept, states, graph = self.algo.run(self.runner, fb, [r.dllm_algo_state for r in batch_reqs])
         result = SimpleNamespace(copy_done=None, next_token_ids=next_ids, accept_length_per_req_cpu=accept,
-                                 dllm_algo_state=states, can_run_cuda_graph=graph)
+                                 dllm_algo_state=states, can_run_cuda_graph=graph, logits_output=out,
+                                 extend_input_len_per_req=[r.extend_len for r in batch_reqs] if prefill else None)
         self.sched.process_batch_result_dllm(batch, result)
         if not prefill:
             self.freed_by_round.append(self.alloc.available_size() - free_before)
@@ -752,6 +768,81 @@ def test_retracted_request_reencodes_its_output(sgl):
     assert _ids(req) == oracle(prompt, 30, set()) and h.alloc.available_size() == h.initial_free
     nfe = req.customized_info["dllm_nfe"]
     assert nfe[-1] == 1 + 2 * req.customized_info["dllm_spec_round"][-1]  # the re-encoding pass
+
+
+# ---- hidden states (return_hidden_states) --------------------------------------------------------
+def _hidden_oracle(prompt: list[int], output: list[int], cached: int = 0) -> list:
+    """What SGLang's AR server returns for `output`: the prompt's rows past the cached prefix in
+    one entry, then per output token after the first the row of its input (the token before it)."""
+    rows = [[float(t), float(p)] for p, t in enumerate(prompt + output)]
+    return [rows[cached:len(prompt)]] + rows[len(prompt):len(prompt) + len(output) - 1]
+
+
+@pytest.mark.parametrize("algorithm_config,context_chunk", [
+    ({"draft_length": 7}, None), ({"draft_length": 7}, 3), ({"draft_length": 0}, None), ({}, 4),
+], ids=["whole_blocks", "chunked_prompt", "ar_steps", "adaptive_chunked"])
+def test_hidden_states_are_the_rows_that_produced_each_token(sgl, algorithm_config, context_chunk):
+    """Every committed token's row is the one its verify position (or decode step) produced it
+    from, the prompt's entry holds every chunk's rows, and a request that did not ask gets none;
+    whatever the rounds (accepted drafts, AR steps, the adaptive policy)."""
+    h = Harness(2, context_chunk=context_chunk, algorithm_config=algorithm_config)
+    h.runner.hidden = True
+    prompts = [[2, 4, 6, 8, 10, 12, 14], [3, 5, 7], [9, 1, 2, 3, 4]]
+    asking = [h.add(p, max_new_tokens=21, return_hidden_states=True) for p in prompts[:2]]
+    other = h.add(prompts[2], max_new_tokens=21)
+    h.run()
+    for req, prompt in zip(asking, prompts):
+        out = list(req.output_ids)
+        assert out == oracle(prompt, 21, set())
+        assert req.hidden_states == _hidden_oracle(prompt, out)
+    assert other.hidden_states == [] and list(other.output_ids) == oracle(prompts[2], 21, set())
+    rounds = asking[0].customized_info["dllm_spec_round"][-1]
+    if algorithm_config.get("draft_length") == 7:  # rounds committed accepted drafts: their rows are checked
+        assert rounds < len(asking[0].output_ids) - 1
+    if algorithm_config.get("draft_length") == 0:
+        assert all(k == 0 for _, k in _rounds_of(asking[0]))
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_hidden_states_through_a_stop_and_in_last_mode(sgl, page_size):
+    """An EOS inside a round's accepted drafts: the rows through it are the oracle's (SGLang's
+    output streamer cuts the list at `finished_len`, as for its own speculative decoding); "last"
+    keeps one row, the last emitted token's."""
+    prompt = [2, 4, 6, 8]
+    truth = oracle(prompt, 20, set())
+    eos = truth[9]
+    h = Harness(page_size)
+    h.runner.hidden = True
+    full = h.add(prompt, max_new_tokens=20, eos={eos}, return_hidden_states=True)
+    last = h.add(prompt, max_new_tokens=20, eos={eos}, return_hidden_states="last")
+    h.run()
+    out = list(full.output_ids_through_stop)
+    assert out == truth[:10]
+    assert full.hidden_states[:len(out)] == _hidden_oracle(prompt, out)
+    assert last.hidden_states == [_hidden_oracle(prompt, out)[-1]]
+
+
+def test_hidden_states_of_a_retracted_request_continue_its_rows(sgl):
+    """A retraction re-encodes prompt + output: no second prompt entry; the seed that pass commits
+    gets its row (the re-encoded last position), and the rows go on as if never retracted."""
+    from sglang.srt.dllm.mixin.req import DllmReqPhase
+    from sglang.srt.mem_cache.common import release_kv_cache
+
+    h = Harness(4)
+    h.runner.hidden = True
+    prompt = [2, 4, 6, 8]
+    req = h.add(prompt, max_new_tokens=30, return_hidden_states=True)
+    for _ in range(3):
+        h.step()
+    release_kv_cache(req, h.tree, checkpoint=False)
+    req.reset_for_retract()
+    req.dllm_phase = DllmReqPhase.INCOMING_PREFILL
+    h.staging.remove(req)
+    assert h.step() == "context"
+    h.run()
+    out = list(req.output_ids)
+    assert out == oracle(prompt, 30, set())
+    assert req.hidden_states == _hidden_oracle(prompt, out)
 
 
 def test_aborting_request_finishes_at_its_context_pass(sgl):

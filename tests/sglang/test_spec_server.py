@@ -441,6 +441,80 @@ def test_completions_echo_returns_prompt_logprobs(spec_server_tiny, tiny_checkpo
     assert spec_server_tiny.healthy()
 
 
+# ---- hidden states (return_hidden_states; the server runs --enable-return-hidden-states) -----------
+def _hidden_body(ids, max_new_tokens, draft_length=None, **extra):
+    params = {"max_new_tokens": max_new_tokens, "temperature": 0}
+    if draft_length is not None:
+        params["custom_params"] = {"draft_length": draft_length}
+    return {"input_ids": ids, "sampling_params": params, **extra}
+
+
+def _assert_hidden_states(hidden, ids, output_ids, ref, cached: int = 0) -> None:
+    """SGLang's layout (as its AR server returns them): one entry with a row per prompt position
+    past the `cached` prefix, then one row per output token after the first, the position of its
+    input (the token before it): `ref` is the reference over the prompt and the output."""
+    import torch
+
+    assert len(hidden) == len(output_ids)
+    torch.testing.assert_close(torch.tensor(hidden[0]), ref[cached:len(ids)], atol=HIDDEN_ATOL, rtol=0)
+    if len(output_ids) > 1:
+        torch.testing.assert_close(torch.tensor(hidden[1:]), ref[len(ids):len(ids) + len(output_ids) - 1],
+                                   atol=HIDDEN_ATOL, rtol=0)
+
+
+# The reference in float32 against the server's float32 forwards (a verify block, a decode step, a
+# chunked context pass): measured at most 2.0e-5 on the tiny model (5.5e-6 over the prompt).
+HIDDEN_ATOL = 1e-4
+
+
+@pytest.mark.parametrize("draft_length", [None, 0, 31], ids=["adaptive", "ar_steps", "full_blocks"])
+def test_hidden_states_equal_reference_across_chunks(spec_server_tiny, tiny_checkpoints, draft_length):
+    """A 130-token prompt in three context-pass chunks, then rounds (the adaptive policy's, AR
+    steps as decode forwards, whole-block drafts): every chunk's rows in the prompt's entry (SGLang's
+    AR prefill would keep the last chunk's only), then each output token's row from the verify row
+    or decode step that produced it; asking changes no answer."""
+    import httpx
+    from sglang_helpers import reference_hidden_states
+
+    ids = _prompt_ids(130, salt=3000 + (draft_length or 0) + (draft_length is None))
+    url = spec_server_tiny.base_url + "/generate"
+    body = httpx.post(url, json=_hidden_body(ids, 24, draft_length, return_hidden_states=True), timeout=300).json()
+    plain = httpx.post(url, json=_hidden_body(ids, 24, draft_length), timeout=300).json()  # (the prompt is cached now)
+    assert body["output_ids"] == plain["output_ids"]
+    ref = reference_hidden_states(tiny_checkpoints["new"], ids + body["output_ids"])
+    _assert_hidden_states(body["meta_info"]["hidden_states"], ids, body["output_ids"], ref)
+    assert not plain["meta_info"].get("hidden_states")
+    assert spec_server_tiny.healthy()
+
+
+def test_hidden_states_over_a_cached_prefix_and_in_a_mixed_batch(spec_server_tiny, tiny_checkpoints):
+    """Six requests at once over a cached 80-token prefix, hidden states asked by some, with
+    logprobs by others: each asking request gets the rows past the prefix its prefill matched and
+    one per output token; the others get none; all answer as one request alone."""
+    import httpx
+    from sglang_helpers import reference_hidden_states
+
+    ids = _prompt_ids(100, salt=4000)
+    url = spec_server_tiny.base_url + "/generate"
+    httpx.post(url, json=_hidden_body(ids[:80], 1), timeout=300).raise_for_status()  # caches 80 tokens
+    alone = httpx.post(url, json=_hidden_body(ids, 12), timeout=300).json()["output_ids"]
+    asks = [{"return_hidden_states": True}, {}, {"return_hidden_states": True, "return_logprob": True},
+            {"return_logprob": True, "logprob_start_len": 0}, {"return_hidden_states": True}, {}]
+    with cf.ThreadPoolExecutor(len(asks)) as pool:
+        bodies = list(pool.map(lambda ask: httpx.post(url, json=_hidden_body(ids, 12, **ask), timeout=300).json(), asks))
+    ref = reference_hidden_states(tiny_checkpoints["new"], ids + alone)
+    for ask, body in zip(asks, bodies):
+        assert body["output_ids"] == alone
+        hidden = body["meta_info"].get("hidden_states")
+        if not ask.get("return_hidden_states"):
+            assert not hidden
+            continue
+        cached = len(ids) - len(hidden[0])
+        assert 80 <= cached < len(ids)  # the prefix was matched; the rest was encoded
+        _assert_hidden_states(hidden, ids, alone, ref, cached=cached)
+    assert spec_server_tiny.healthy()
+
+
 # ---- the demo model --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_spec(tmp_path_factory):
