@@ -202,3 +202,45 @@ def test_why_spec_graphs_need_triton_source_pins():
     assert "self._update_dllm_buffers(plan, bs, seq_lens, req_pool_indices)" in apply
     update = inspect.getsource(TritonAttnBackend._update_dllm_buffers)
     assert "self.qo_indptr[: bs + 1] = " in update and "self.cuda_graph_kv_indices" in update
+
+
+def test_block_forwards_return_their_hidden_states_eager_and_under_graph_replay(monkeypatch):
+    """`return_hidden_states` under spec reads the verify pass's hidden states: SGLang's
+    LogitsProcessor returns only the full logits of a DLLM_EXTEND forward, so the model's
+    `BlockLogitsProcessor` adds them whenever the forward captures any (other forwards are
+    SGLang's alone). Under spec's opt-in CUDA graphs the captured forward is this one, captured
+    with the server's capture mode, and SGLang's replay hands the captured `hidden_states` back
+    (pinned on its source: nothing else on CPU runs that replay)."""
+    import inspect
+
+    from sglang.srt.layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
+    from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
+    from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+
+    from fast_dvlm_sglang.sglang_plugin.model import BlockLogitsProcessor
+
+    def sglangs(self, input_ids, hidden, lm_head, meta, *args, **kwargs):  # what SGLang returns per mode
+        if meta.forward_mode.is_dllm_extend():
+            return LogitsProcessorOutput(next_token_logits=None, full_logits=2 * hidden)
+        return LogitsProcessorOutput(next_token_logits=hidden[-1:],
+                                     hidden_states=hidden if meta.capture_hidden_mode.need_capture() else None)
+
+    monkeypatch.setattr(LogitsProcessor, "forward", sglangs)
+    processor = BlockLogitsProcessor.__new__(BlockLogitsProcessor)  # the forward alone
+    hidden = torch.randn(5, 4)
+    for mode, capture, block_rows in [(ForwardMode.DLLM_EXTEND, CaptureHiddenMode.FULL, True),
+                                      (ForwardMode.DLLM_EXTEND, CaptureHiddenMode.LAST, True),
+                                      (ForwardMode.DLLM_EXTEND, CaptureHiddenMode.NULL, False),
+                                      (ForwardMode.EXTEND, CaptureHiddenMode.FULL, False),
+                                      (ForwardMode.DECODE, CaptureHiddenMode.NULL, False)]:
+        out = processor.forward(None, hidden, None, SimpleNamespace(forward_mode=mode, capture_hidden_mode=capture))
+        if mode.is_dllm_extend():
+            assert torch.equal(out.full_logits, 2 * hidden)
+            assert (out.hidden_states is hidden) == block_rows, (mode, capture)
+        else:  # SGLang's output untouched
+            assert (out.hidden_states is hidden) == capture.need_capture()
+
+    init = inspect.getsource(DecodeCudaGraphRunner.__init__)
+    assert "self.capture_hidden_mode = self.return_hidden_states_mode" in init
+    replay = inspect.getsource(DecodeCudaGraphRunner.execute)
+    assert "output.hidden_states[: self.raw_num_token]" in replay
