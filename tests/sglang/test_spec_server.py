@@ -488,30 +488,35 @@ def test_hidden_states_equal_reference_across_chunks(spec_server_tiny, tiny_chec
 
 
 def test_hidden_states_over_a_cached_prefix_and_in_a_mixed_batch(spec_server_tiny, tiny_checkpoints):
-    """Six requests at once over a cached 80-token prefix, hidden states asked by some, with
-    logprobs by others: each asking request gets the rows past the prefix its prefill matched and
-    one per output token; the others get none; all answer as one request alone."""
+    """Six prompts in one batch (one native /generate: they reach the scheduler together), sharing
+    a cached 80-token prefix, hidden states asked by some, logprobs by others: each asking request
+    gets the rows of its 20 tokens past the prefix and one per output token; the others get none;
+    each answers as it does alone. One asks for logprobs from 0, so its prefix match stops at 0
+    and the batch's rows are not one width per request."""
     import httpx
     from sglang_helpers import reference_hidden_states
 
-    ids = _prompt_ids(100, salt=4000)
+    prefix = _prompt_ids(80, salt=4000)
+    prompts = [prefix + _prompt_ids(20, salt=4001 + i) for i in range(6)]
     url = spec_server_tiny.base_url + "/generate"
-    httpx.post(url, json=_hidden_body(ids[:80], 1), timeout=300).raise_for_status()  # caches 80 tokens
-    alone = httpx.post(url, json=_hidden_body(ids, 12), timeout=300).json()["output_ids"]
-    asks = [{"return_hidden_states": True}, {}, {"return_hidden_states": True, "return_logprob": True},
-            {"return_logprob": True, "logprob_start_len": 0}, {"return_hidden_states": True}, {}]
-    with cf.ThreadPoolExecutor(len(asks)) as pool:
-        bodies = list(pool.map(lambda ask: httpx.post(url, json=_hidden_body(ids, 12, **ask), timeout=300).json(), asks))
-    ref = reference_hidden_states(tiny_checkpoints["new"], ids + alone)
-    for ask, body in zip(asks, bodies):
-        assert body["output_ids"] == alone
-        hidden = body["meta_info"].get("hidden_states")
-        if not ask.get("return_hidden_states"):
+    httpx.post(url, json=_hidden_body(prefix, 1), timeout=300).raise_for_status()  # caches the prefix
+    hidden_asked = [True, False, True, False, True, True]
+    logprobs_from = [None, None, 50, 0, None, 0]
+    body = {"input_ids": prompts, "sampling_params": {"max_new_tokens": 12, "temperature": 0},
+            "return_hidden_states": hidden_asked, "return_logprob": [s is not None for s in logprobs_from],
+            "logprob_start_len": [-1 if s is None else s for s in logprobs_from]}
+    r = httpx.post(url, json=body, timeout=300)
+    assert r.status_code == 200, r.text[:300]
+    for ids, asked, start, got in zip(prompts, hidden_asked, logprobs_from, r.json()):
+        alone = httpx.post(url, json=_hidden_body(ids, 12), timeout=300).json()["output_ids"]
+        assert got["output_ids"] == alone
+        hidden = got["meta_info"].get("hidden_states")
+        if not asked:
             assert not hidden
             continue
-        cached = len(ids) - len(hidden[0])
-        assert 80 <= cached < len(ids)  # the prefix was matched; the rest was encoded
-        _assert_hidden_states(hidden, ids, alone, ref, cached=cached)
+        cached = 80 if start is None else min(start, 80)  # the match stops at logprob_start_len
+        _assert_hidden_states(hidden, ids, alone, reference_hidden_states(tiny_checkpoints["new"], ids + alone),
+                              cached=cached)
     assert spec_server_tiny.healthy()
 
 
