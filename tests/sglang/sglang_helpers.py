@@ -20,6 +20,25 @@ def image_url(color: str = "red", shape: str = "ellipse", size: int = 56) -> str
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def demo_prompts(seed: int, n: int = 8) -> list[tuple[str, str | None]]:
+    """Held-out demo prompts for the native /generate: (the chat-template text, the image as a
+    PNG data URL, or None for a text-only prompt)."""
+    from fast_dvlm_sglang.demo import DEMO_CHECKPOINT, shapes
+    from fast_dvlm_sglang.processing import render_chat
+    from fast_dvlm_sglang.tokenizer import load_processor
+
+    proc = load_processor(DEMO_CHECKPOINT)
+    out = []
+    for s in shapes.make_split(seed, n):
+        url = None
+        if s.image is not None:
+            buf = io.BytesIO()
+            s.image.save(buf, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        out.append((render_chat(proc, s.prompt_messages, add_generation_prompt=True), url))
+    return out
+
+
 def generate(server, text: str, *, image: str | list[str] | None = None, timeout: float = 300, **sampling) -> dict:
     """SGLang's native /generate (returns output ids and meta_info); greedy unless told."""
     import httpx

@@ -11,33 +11,16 @@ float32 noise: measured at most 3.5e-6 on this CPU; the tolerance is 1e-4, as fo
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures as cf
-import io
 import json
 
 import pytest
 
 pytestmark = [pytest.mark.sglang]
 
+from sglang_helpers import demo_prompts  # noqa: E402
+
 ATOL = 1e-4  # float32 verify-block vs AR-step hidden states (measured <= 3.5e-6 on the demo model)
-
-
-def _prompts(seed: int, n: int = 8):
-    from fast_dvlm_sglang.demo import DEMO_CHECKPOINT, shapes
-    from fast_dvlm_sglang.processing import render_chat
-    from fast_dvlm_sglang.tokenizer import load_processor
-
-    proc = load_processor(DEMO_CHECKPOINT)
-    out = []
-    for s in shapes.make_split(seed, n):
-        url = None
-        if s.image is not None:
-            buf = io.BytesIO()
-            s.image.save(buf, format="PNG")
-            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-        out.append((render_chat(proc, s.prompt_messages, add_generation_prompt=True), url))
-    return out
 
 
 def _generate(server, job, **params):
@@ -87,7 +70,7 @@ def test_hidden_states_equal_ars_for_8_concurrent_requests(demo_spec_and_ar, cas
     round inside its accepted drafts (the rows after the stop are not returned, as for AR)."""
     spec, ar = demo_spec_and_ar
     seed, params = CASES[case]
-    jobs = _prompts(seed)
+    jobs = demo_prompts(seed)
     with cf.ThreadPoolExecutor(len(jobs)) as pool:
         got = list(pool.map(lambda job: _generate(spec, job, **params), jobs))
     ar_params = {k: v for k, v in params.items() if k != "custom_params"}

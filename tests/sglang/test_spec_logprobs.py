@@ -17,7 +17,7 @@ import pytest
 
 pytestmark = [pytest.mark.sglang]
 
-from sglang_helpers import generate  # noqa: E402
+from sglang_helpers import demo_prompts, generate  # noqa: E402
 
 ATOL = 1e-4  # float32 verify-block vs AR-step logits (measured <= 1.6e-5 on the demo model)
 
@@ -55,24 +55,7 @@ def test_logprob_rows_are_log_softmax_at_the_temperature_packed_per_position(see
 
 
 # ---- through the servers (demo model) -------------------------------------------------------------
-def _prompts():
-    from fast_dvlm_sglang.demo import DEMO_CHECKPOINT, shapes
-    from fast_dvlm_sglang.processing import render_chat
-    from fast_dvlm_sglang.tokenizer import load_processor
-
-    proc = load_processor(DEMO_CHECKPOINT)
-    out = []
-    for s in shapes.make_split(531, 8):
-        url = None
-        if s.image is not None:
-            import base64
-            import io
-
-            buf = io.BytesIO()
-            s.image.save(buf, format="PNG")
-            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-        out.append((render_chat(proc, s.prompt_messages, add_generation_prompt=True), url))
-    return out
+PROMPTS_SEED = 531  # the held-out demo prompts these tests send (`demo_prompts`)
 
 
 def _assert_logprobs_close(got: dict, want: dict, where) -> None:
@@ -111,7 +94,7 @@ def test_logprobs_equal_ars_for_8_concurrent_requests(demo_spec_and_ar, options)
         r.raise_for_status()
         return r.json()
 
-    jobs = _prompts()
+    jobs = demo_prompts(PROMPTS_SEED)
     # Whole-block drafts, pinned: the logprobs of accepted drafts are what is checked, whatever
     # this shared server's acceptance estimate learned from earlier tests (after a run of JSON
     # requests, whose drafts miss, new requests start on AR steps: `draft_length.workload`).
@@ -161,7 +144,7 @@ def test_sampled_logprobs_are_the_temperature_distributions(demo_spec_and_ar):
     token's logprob is its entry among the top alternatives (the same temperature distribution;
     its arithmetic: the unit test above)."""
     spec, _ = demo_spec_and_ar
-    text, url = _prompts()[0]
+    text, url = demo_prompts(PROMPTS_SEED)[0]
     body = generate(spec, text, image=url, max_new_tokens=24, temperature=0.7, sampling_seed=5)
     import httpx
 
@@ -199,7 +182,7 @@ def test_prompt_logprobs_equal_ars_with_images_and_through_echo(demo_spec_and_ar
         r.raise_for_status()
         return r.json()["meta_info"]
 
-    jobs = [(job, 0 if i % 2 else 7) for i, job in enumerate(_prompts())]
+    jobs = [(job, 0 if i % 2 else 7) for i, job in enumerate(demo_prompts(PROMPTS_SEED))]
     with cf.ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda js: run(spec, *js), jobs))
     for i, (g, (job, start)) in enumerate(zip(got, jobs)):
@@ -226,7 +209,7 @@ def test_token_ids_logprob_and_score_equal_ars(demo_spec_and_ar):
     import httpx
 
     spec, ar = demo_spec_and_ar
-    text, url = _prompts()[1]
+    text, url = demo_prompts(PROMPTS_SEED)[1]
     given = [13, 220, 264, 3, 0]
 
     def run(server, **extra):
