@@ -39,12 +39,14 @@ def demo_prompts(seed: int, n: int = 8) -> list[tuple[str, str | None]]:
     return out
 
 
-def generate(server, text: str, *, image: str | list[str] | None = None, timeout: float = 300, **sampling) -> dict:
-    """SGLang's native /generate (returns output ids and meta_info); greedy unless told."""
+def generate(server, text: str, *, image: str | list[str] | None = None, timeout: float = 300,
+             request: dict | None = None, **sampling) -> dict:
+    """SGLang's native /generate (returns output ids and meta_info); greedy unless told. `request`:
+    top-level fields of the request (return_logprob, return_hidden_states, ...)."""
     import httpx
 
     sampling.setdefault("temperature", 0)
-    body = {"text": text, "sampling_params": sampling}
+    body = {"text": text, "sampling_params": sampling, **(request or {})}
     if image is not None:
         body["image_data"] = image
     r = httpx.post(server.base_url + "/generate", json=body, headers=server.headers, timeout=timeout)

@@ -18,22 +18,14 @@ import pytest
 
 pytestmark = [pytest.mark.sglang]
 
-from sglang_helpers import demo_prompts  # noqa: E402
+from sglang_helpers import demo_prompts, generate  # noqa: E402
 
 ATOL = 1e-4  # float32 verify-block vs AR-step hidden states (measured <= 3.5e-6 on the demo model)
 
 
 def _generate(server, job, **params):
-    import httpx
-
     text, url = job
-    body = {"text": text, "return_hidden_states": True,
-            "sampling_params": {"max_new_tokens": 40, "temperature": 0, **params}}
-    if url:
-        body["image_data"] = url
-    r = httpx.post(server.base_url + "/generate", json=body, timeout=300)
-    r.raise_for_status()
-    return r.json()
+    return generate(server, text, image=url, request={"return_hidden_states": True}, **{"max_new_tokens": 40, **params})
 
 
 def _assert_rows_close(got, want, where, prompt_entry: bool = False) -> None:

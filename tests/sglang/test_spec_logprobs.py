@@ -213,13 +213,8 @@ def test_token_ids_logprob_and_score_equal_ars(demo_spec_and_ar):
     given = [13, 220, 264, 3, 0]
 
     def run(server, **extra):
-        body = {"text": text, "return_logprob": True, "token_ids_logprob": given, "logprob_start_len": 0,
-                "sampling_params": {"max_new_tokens": 24, "temperature": 0, **extra}}
-        if url:
-            body["image_data"] = url
-        r = httpx.post(server.base_url + "/generate", json=body, timeout=300)
-        r.raise_for_status()
-        return r.json()
+        return generate(server, text, image=url, max_new_tokens=24, **extra,
+                        request={"return_logprob": True, "token_ids_logprob": given, "logprob_start_len": 0})
 
     ours, theirs = run(spec, custom_params={"draft_length": 31}), run(ar)
     assert ours["output_ids"] == theirs["output_ids"]
