@@ -47,7 +47,8 @@ HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
      "fast_dvlm_sglang.sglang_plugin.draft_length:process_dllm_staging_reqs", "AROUND"),
     # The KV pool under pressure (`kv_pressure.py`): refuse what can never fit, admit a context
     # pass only if it fits with a block of room per running request, run block rounds when no
-    # context pass can start, retract instead of stalling.
+    # context pass can start, retract instead of stalling, keep the queued requests' cached
+    # prefixes from the LRU eviction.
     ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin.validate_dllm_request",
      f"{_KV}:validate_dllm_request", "AROUND"),
     ("sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin.process_dllm_incoming_reqs",

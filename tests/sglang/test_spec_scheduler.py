@@ -245,6 +245,7 @@ class Harness:
                 self.req_to_token_pool = harness.pool
                 self.token_to_kv_pool_allocator = harness.alloc
                 self.max_total_num_tokens = POOL_TOKENS  # Scheduler's pool size (kv_pressure hooks read it)
+                self.max_prefill_tokens = 16384  # --max-prefill-tokens (SGLang's default)
                 self.tree_cache = harness.tree
                 self.model_config = harness.model_config
                 self.metrics_reporter = _Recorder()
@@ -534,6 +535,97 @@ def test_a_request_refused_after_its_prefix_matched_is_matched_afresh(sgl, page_
     assert _ids(req) == oracle(shared + [50], 10, set())
     assert _ids(other) == oracle([60 + i % 7 for i in range(40)], 10, set())
     h.check_drained()
+
+
+def _cache_prompts(h, prompts: list[list[int]]) -> None:
+    """Serve each prompt to the end, one after another: the tree then holds each prompt's path,
+    the first the least recently used."""
+    for prompt in prompts:
+        h.add(prompt, max_new_tokens=4)
+        h.run()
+    h.check_drained()
+
+
+def _cached_len(h, prompt: list[int]) -> int:
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    return h.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", prompt)))).device_prefix_len
+
+
+def _evict_after_touch(h, cached, queued, free_left: int | None, evict_prompts: int):
+    """Queue a request behind each of `queued` (not admitted: no KV), leave `free_left` free KV
+    slots (None: the pool as it is), touch the queue's prefixes as before a scheduling step, then
+    evict `evict_prompts` prompts' worth of KV as the next allocations would (leaves in LRU order;
+    a touched path is split at its prompt's end, its answer's tail a leaf of its own). Returns
+    which of `cached` are still in the tree."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    from fast_dvlm_sglang.sglang_plugin import kv_pressure
+
+    for prompt in queued:
+        h.add(prompt + [61, 62], max_new_tokens=4)
+    filler = None
+    if free_left is not None:
+        filler = h.alloc.alloc(h.alloc.available_size() - free_left)  # the KV of other requests
+    kv_pressure.touch_waiting_prefixes(h.sched)
+    h.tree.evict(EvictParams(num_tokens=evict_prompts * len(cached[0])))
+    if filler is not None:
+        h.alloc.free(filler)
+    return tuple(_cached_len(h, p) > 0 for p in cached)
+
+
+def _three_prompts():
+    return [[3 + (i * 7 + g * 11) % 50 for i in range(40)] for g in range(3)]
+
+
+@pytest.mark.parametrize("free_left,enabled,evict_prompts,kept", [
+    (20, "1", 1, (True, True, False)),  # pressure: the prompt no queued request needs goes first
+    (20, "1", 2, (False, True, False)),  # ... then the queue's tail (prompt 0): the head is touched last
+    (None, "1", 1, (False, True, True)),  # room for the queue: nothing touched, plain LRU
+    (20, "0", 1, (False, True, True)),  # SGLANG_ENABLE_WAITING_PREFIX_REFRESH=0: nothing touched
+    (20, "0", 2, (False, False, True)),
+])
+def test_prefixes_of_queued_requests_outlive_the_rest_under_pressure(sgl, monkeypatch, free_left, enabled,
+                                                                     evict_prompts, kept):
+    """SGLang's AR scheduler keeps its waiting queue's cached prefixes recent for the LRU eviction;
+    our dLLM requests wait in the dLLM manager's queue instead, so `kv_pressure.
+    touch_waiting_prefixes` does it there, head last, while their admission would evict. Three
+    prompts cached (0 least recent, 2 most), requests queued behind prompt 1 (the head) then
+    prompt 0."""
+    monkeypatch.setenv("SGLANG_ENABLE_WAITING_PREFIX_REFRESH", enabled)
+    h = Harness(1, radix=True)
+    prompts = _three_prompts()
+    _cache_prompts(h, prompts)
+    assert _evict_after_touch(h, prompts, [prompts[1], prompts[0]], free_left, evict_prompts) == kept
+
+
+def test_only_the_queue_head_within_the_prefill_budget_is_touched(sgl):
+    """The walk costs time per prompt token, so only the requests the next batches of context
+    passes can take (`--max-prefill-tokens` of context, at least one request) are touched: with a
+    budget for one request, the second queued request's prefix keeps its age and goes first."""
+    prompts = _three_prompts()
+    for budget, kept in [(50, (True, False, True)), (16384, (True, True, False))]:
+        h = Harness(1, radix=True)
+        _cache_prompts(h, [prompts[1], prompts[2], prompts[0]])  # prompt 1 least recent
+        h.sched.max_prefill_tokens = budget  # 50: one queued request's context (42 tokens)
+        assert _evict_after_touch(h, prompts, [prompts[0], prompts[1]], 20, 1) == kept, budget
+
+
+def test_prefixes_are_touched_before_the_step_allocates(sgl, monkeypatch):
+    """The hook on `get_new_batch_dllm` touches before SGLang's step runs (its allocations are
+    what evicts), and only for our algorithms."""
+    from fast_dvlm_sglang.sglang_plugin import kv_pressure
+
+    h = Harness(1, radix=True)
+    events = []
+    monkeypatch.setattr(kv_pressure, "touch_waiting_prefixes", lambda scheduler: events.append("touch"))
+    assert kv_pressure.get_new_batch_dllm(lambda s, rb: events.append("step") or "batch", h.sched, None) == "batch"
+    assert events == ["touch", "step"]
+    events.clear()
+    h.dllm_config.algorithm = "LowConfidence"  # SGLang's own dLLM algorithms: untouched
+    kv_pressure.get_new_batch_dllm(lambda s, rb: events.append("step") or "batch", h.sched, None)
+    assert events == ["step"]
 
 
 def test_rounds_report_as_decode_steps_and_context_passes_as_prefills(sgl):
