@@ -235,18 +235,21 @@ def test_client_gone_mid_upload_costs_nothing(server, baseline):
 
 def test_client_gone_mid_generation_stops_the_work(server, baseline):
     tokens = "fast_dvlm:spec_tokens_total"
+    asked = 3800  # ignore_eos: unaborted, the request makes exactly this many (the context is 4096)
     for stream in (False, True):
-        raw = json.dumps(chat(image_url("green"), max_tokens=3000, ignore_eos=True, stream=stream)).encode()
+        raw = json.dumps(chat(image_url("green"), max_tokens=asked, ignore_eos=True, stream=stream)).encode()
         start = prometheus_value(server, tokens)
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
             assert wait_for(lambda s=start: prometheus_value(server, tokens) > s + 20, timeout=60)  # it is decoding
         # SGLang notices the disconnect (a stream at its next chunk, a plain request at its next
-        # poll, 1 s here) and aborts: the token counter stops well short of the 3000 asked for
-        # (the demo drafts ignore_eos text fast: ~600 tokens/s on 2 cores).
+        # poll, 1 s here) and aborts: the token counter stops short of what was asked. How far
+        # short depends on the machine (the demo drafts ignore_eos text at ~600 to ~1200 tokens/s
+        # on 2 cores: a fixed bound of 2000 failed once at 2378), so the test asks for all the
+        # context allows and checks the request did not run to its end.
         assert wait_for(lambda: _still(server, tokens, 2.0), timeout=30)
-        assert prometheus_value(server, tokens) - start < 2000
+        assert prometheus_value(server, tokens) - start < asked
     assert server.healthy()
 
 
