@@ -249,6 +249,49 @@ def test_adjust_logits_is_ar_s_order_of_operations():
     assert torch.equal(adjust_logits(logits[0], params, 0, (4,)), got[0].where(torch.arange(20) != 8, logits[0, 8]))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_sample_rows_draws_what_each_row_draws_alone(seed):
+    """Rows sharing sampling parameters draw together (one distribution computation), each the
+    exact token its own generator draws from its row alone, and each generator advances as alone."""
+    from fast_dvlm_sglang.decoding.sampling import sample_rows, sample_tokens
+
+    gen = torch.Generator().manual_seed(seed)
+    for vocab in (3, 64, 1000):
+        rows = int(torch.randint(1, 9, (), generator=gen))
+        logits = torch.randn(rows, vocab, generator=gen) * 4
+        logits[0, :2] = logits[0, 2 % vocab]  # ties
+        for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_p=0.6),
+                       SamplingParams(temperature=0.9, top_k=5, top_p=0.9, min_p=0.05), SamplingParams()):
+            seeds = [int(s) for s in torch.randint(0, 2**31, (rows,), generator=gen)]
+            together = sample_rows(logits, params, [torch.Generator().manual_seed(s) for s in seeds])
+            for i, s in enumerate(seeds):
+                alone = torch.Generator().manual_seed(s)
+                assert int(together[i]) == int(sample_tokens(logits[i:i + 1], params, alone)[0]), (vocab, params, i)
+            if not params.greedy:  # the same seeds draw the same tokens again
+                again = sample_rows(logits, params, [torch.Generator().manual_seed(s) for s in seeds])
+                assert torch.equal(together, again)
+
+
+def test_prior_tokens_count_as_output_before_the_first_position():
+    """An AR run's step j adjusts one position after the committed output and its j earlier steps
+    (on the device): what the last of j + 1 consecutive positions gets with those steps as its row."""
+    from fast_dvlm_sglang.decoding.sampling import adjust_logits
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 30, generator=gen)
+    params = SamplingParams(frequency_penalty=0.4, presence_penalty=0.2, repetition_penalty=1.3, min_new_tokens=6,
+                            logit_bias=((2, 1.0),))
+    history = [5, 5, 9]
+    for step in range(5):
+        steps = torch.randint(0, 30, (step,), generator=gen)
+        one = adjust_logits(logits, params, len(history) + step, (4,), history=history,
+                            prior_tokens=steps if step else None)
+        last = adjust_logits(logits.expand(step + 1, 30), params, len(history), (4,), history=history,
+                             row_tokens=steps if step else None)[-1:]
+        assert torch.equal(one, last), step
+        assert (one[0, 4] == float("-inf")) == (len(history) + step < 6)
+
+
 def test_mdm_refuses_output_dependent_adjustments(model):
     prompt = random_prompts(1, seed=5)[0]
     for params in (SamplingParams(min_new_tokens=4), SamplingParams(repetition_penalty=1.2),

@@ -69,14 +69,18 @@ class SamplingParams:
 
 
 def output_counts(history: Sequence[int], row_tokens: torch.Tensor | None, n: int, vocab: int,
-                  device) -> torch.Tensor:
+                  device, prior_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """[n, V] counts of each token among the output before each of n consecutive positions: the
-    committed output `history`, then, for position j, the row's own tokens row_tokens[:j] (a
+    committed output `history`, then `prior_tokens` (output after it still on the device: the
+    earlier steps of an AR run), then, for position j, the row's own tokens row_tokens[:j] (a
     verify pass's drafts: position j follows the seed and d_1..d_j)."""
     base = torch.zeros(vocab, dtype=torch.float32, device=device)
     if len(history):
         ids = torch.as_tensor(list(history), dtype=torch.long, device=device)
         base.index_add_(0, ids.clamp(0, vocab - 1), torch.ones_like(ids, dtype=torch.float32))
+    if prior_tokens is not None and prior_tokens.numel():
+        ids = prior_tokens.reshape(-1).long().clamp(0, vocab - 1)
+        base.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
     counts = base.expand(n, vocab).clone()
     if row_tokens is not None and n > 1:
         steps = torch.nn.functional.one_hot(row_tokens[:n - 1].long().clamp(0, vocab - 1), vocab).float()
@@ -86,18 +90,20 @@ def output_counts(history: Sequence[int], row_tokens: torch.Tensor | None, n: in
 
 def adjust_logits(logits: torch.Tensor, params: SamplingParams, produced: int,
                   stop_token_ids: Iterable[int] = (), history: Sequence[int] = (),
-                  row_tokens: torch.Tensor | None = None) -> torch.Tensor:
+                  row_tokens: torch.Tensor | None = None, prior_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [n, V] (or [V]: n = 1) of n consecutive positions, the first choosing output token
     number `produced` (0: the first answer token), with AR's adjustments applied (a new tensor;
-    `logits` unchanged). `stop_token_ids`: what ends the answer; `history`: the output tokens
-    before the first position (`produced` of them; only penalties read it); `row_tokens`: the
-    tokens at positions 1..n-1 (the penalties count them for the positions after them)."""
+    `logits` unchanged). `stop_token_ids`: what ends the answer; `history`: output tokens before
+    the first position, on the host, then `prior_tokens` on the device (`produced` in all; only
+    penalties read them); `row_tokens`: the tokens at positions 1..n-1 (the penalties count them
+    for the positions after them)."""
     if not params.adjusts_logits:
         return logits
     vocab = logits.shape[-1]
     out = logits.reshape(-1, vocab).clone()
     if params.penalizes:
-        counts = output_counts(history, row_tokens, out.shape[0], vocab, out.device).to(out.dtype)
+        counts = output_counts(history, row_tokens, out.shape[0], vocab, out.device,
+                               prior_tokens).to(out.dtype)
         if params.frequency_penalty:
             out -= params.frequency_penalty * counts
         if params.presence_penalty:
@@ -153,3 +159,15 @@ def sample_tokens(
     flat = probs.reshape(-1, probs.shape[-1])
     tokens = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
     return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def sample_rows(logits: torch.Tensor, params: SamplingParams,
+                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Tokens [R] for the logits [R, V] of R requests that sample with the same `params`, each
+    drawn from its own generator: row i is the token `sample_tokens(logits[i:i + 1], params,
+    generators[i])` draws (the same row-wise operations, run over all rows at once: at a batch of
+    requests the per-row cost of a dozen small tensor operations dominated the step)."""
+    probs = sampling_probs(logits, params)
+    if params.greedy:
+        return probs.max(dim=-1).indices
+    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g).view(1) for i, g in enumerate(generators)])

@@ -84,7 +84,7 @@ from sglang.srt.dllm.config import DllmConfig
 
 from fast_dvlm_sglang.config import ARCHITECTURE
 from fast_dvlm_sglang.decoding.draft_policy import AcceptanceEstimate
-from fast_dvlm_sglang.decoding.sampling import SamplingParams, adjust_logits, sample_tokens
+from fast_dvlm_sglang.decoding.sampling import SamplingParams, adjust_logits, sample_rows, sample_tokens
 from fast_dvlm_sglang.decoding.spec import accept_longest_prefix
 
 from . import SPEC_ALGORITHM_NAME as ALGORITHM_NAME
@@ -293,21 +293,37 @@ def choose_step(logits: torch.Tensor, states: list[SpecState], step: int,
     position for each of the n rows stepping): argmax, or for a row that samples or adjusts its
     logits its own choice given the tokens its earlier steps chose (`previous[i]`, [step]: the
     penalties count them, min_new_tokens counts `produced + step`). Also returns the adjusted
-    logits [1, V] of the rows that have them (what their logprobs are read from)."""
+    logits [1, V] of the rows that have them (what their logprobs are read from).
+
+    Unseeded rows that sample with the same parameters draw together (`sample_rows`: one
+    distribution computation for all of them, a draw from each row's generator), each exactly
+    the token it would draw alone on this CPU; a seeded row (`sampling_seed`) still draws alone,
+    so that no kernel's batch-size dependence on another device can make its answer depend on
+    the traffic."""
     tokens = logits.argmax(dim=-1)
     adjusted = {}
     vocab = logits.shape[-1]
+    groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Generator | None]]] = {}
     for i, state in enumerate(states):
         adjusts = state.penalizes or bool(state.logit_bias) or state.min_new_tokens > state.produced + step
         if state.greedy and not adjusts:
             continue
+        params = state.params(vocab)
         row = logits[i:i + 1]
-        if adjusts:
-            row = adjust_logits(row.expand(step + 1, vocab), state.params(vocab), state.produced, state.stop_token_ids,
-                                history=state.history, row_tokens=previous[i] if step else None)[-1:]
+        if adjusts:  # as output token `produced + step`, after the committed output and this run's steps
+            row = adjust_logits(row, params, state.produced + step, state.stop_token_ids, history=state.history,
+                                prior_tokens=previous[i] if step else None)
             adjusted[i] = row
-        tokens[i] = (row.argmax(dim=-1) if state.greedy else
-                     sample_tokens(row, state.params(vocab), state.generator)[0])[0]
+        if state.greedy:
+            tokens[i] = row.argmax(dim=-1)[0]
+        else:
+            key = (SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                                  min_p=params.min_p), i if state.sampling_seed is not None else None)
+            groups.setdefault(key, []).append((i, row, state.generator))
+    for (params, _), members in groups.items():
+        chosen = sample_rows(torch.cat([row for _, row, _ in members]) if len(members) > 1 else members[0][1],
+                             params, [g for _, _, g in members])
+        tokens[torch.tensor([i for i, _, _ in members], device=tokens.device)] = chosen
     return tokens, adjusted
 
 

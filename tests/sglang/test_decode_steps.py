@@ -157,3 +157,67 @@ def test_a_step_holds_the_rows_with_steps_left():
     assert cols[1] == [[0, 2], [1, 5], [11, 8], [12, 9]]
     assert cols[2] == [[0], [2], [12], [13]]
     assert [step.seq_lens for step in plan.steps] == [c[3] for c in cols]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_steps_tokens_are_each_rows_own_ar_choice(seed, monkeypatch):
+    """`choose_step` (one step of a round of AR steps, a batch of rows): every row's token is the
+    reference AR decoder's choice for it alone (`decoding/ar.py`: its logits adjusted as output
+    token `produced + step` after the committed output and the run's earlier steps, then greedy or
+    a draw from its own generator), whatever else shares the step: greedy, sampling with shared or
+    differing parameters, penalties, min_new_tokens, logit_bias; each generator advances as alone.
+    Unseeded rows with equal parameters share one distribution computation; a seeded row never
+    shares one (its answer must not depend on the traffic on any device)."""
+    import random
+
+    from fast_dvlm_sglang.decoding.sampling import adjust_logits, sample_tokens
+    from fast_dvlm_sglang.sglang_plugin import speculative
+    from fast_dvlm_sglang.sglang_plugin.speculative import SpecState, choose_step
+
+    draws = []  # the generators of each shared computation
+    real = speculative.sample_rows
+    monkeypatch.setattr(speculative, "sample_rows", lambda lg, p, gens: draws.append(list(gens)) or real(lg, p, gens))
+    shared = 0
+
+    rng = random.Random(seed)
+    for _ in range(40):
+        vocab, rows, step = rng.choice([5, 64, 700]), rng.randint(1, 10), rng.randint(0, 6)
+        states = []
+        for _ in range(rows):
+            produced = rng.randint(0, 12)
+            kw = dict(produced=produced, history=tuple(rng.randrange(vocab) for _ in range(produced)))
+            if rng.random() < 0.7:  # a few parameter sets, so that rows share some and differ in others
+                kw.update(temperature=rng.choice([0.6, 1.1]), top_p=rng.choice([1.0, 0.85]), top_k=rng.choice([0, 4]),
+                          min_p=rng.choice([0.0, 0.1]))
+                # seeded (OpenAI `seed`: draws alone) or not (a seed derived from the request id: draws with
+                # the rows that share its parameters)
+                kw["sampling_seed" if rng.random() < 0.3 else "unseeded_seed"] = rng.randrange(1000)
+            if rng.random() < 0.5:
+                kw.update(frequency_penalty=rng.choice([0.0, 0.7]), presence_penalty=rng.choice([0.0, 0.4]),
+                          repetition_penalty=rng.choice([1.0, 1.5]))
+            if rng.random() < 0.3:
+                kw.update(min_new_tokens=rng.randint(0, 16), stop_token_ids=(0, 1))
+            if rng.random() < 0.3:
+                kw.update(logit_bias=((2, 3.0),))
+            states.append(SpecState(**kw).with_generator("cpu"))
+        logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rng.randrange(10**6))) * 3
+        previous = [torch.tensor([rng.randrange(vocab) for _ in range(step)], dtype=torch.long) for _ in range(rows)]
+        alone = [dataclasses.replace(s, generator=None).with_generator("cpu") for s in states]
+        draws.clear()
+        tokens, adjusted = choose_step(logits, states, step, previous)
+        seeded = {id(s.generator) for s in states if s.sampling_seed is not None}
+        assert all(len(gens) == 1 for gens in draws if seeded & {id(g) for g in gens})
+        shared += sum(len(gens) > 1 for gens in draws)
+        for i, s in enumerate(alone):
+            params = s.params(vocab)
+            row = adjust_logits(logits[i:i + 1], params, s.produced + step, s.stop_token_ids,
+                                history=list(s.history) + previous[i].tolist())
+            want = int(row.argmax()) if s.greedy else int(sample_tokens(row, params, s.generator)[0])
+            assert int(tokens[i]) == want, (vocab, rows, step, i)
+            # the adjusted logits its logprobs are read from: for a row with an adjustment at this step
+            assert (i in adjusted) == (s.penalizes or bool(s.logit_bias) or s.min_new_tokens > s.produced + step)
+            if i in adjusted:
+                assert torch.equal(adjusted[i], row)
+            if s.generator is not None:
+                assert torch.equal(s.generator.get_state(), states[i].generator.get_state())
+    assert shared > 0  # the shared computation ran
