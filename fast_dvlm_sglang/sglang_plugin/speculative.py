@@ -296,10 +296,10 @@ def choose_step(logits: torch.Tensor, states: list[SpecState], step: int,
     logits [1, V] of the rows that have them (what their logprobs are read from).
 
     Unseeded rows that sample with the same parameters draw together (`sample_rows`: one
-    distribution computation for all of them, a draw from each row's generator), each exactly
-    the token it would draw alone on this CPU; a seeded row (`sampling_seed`) still draws alone,
-    so that no kernel's batch-size dependence on another device can make its answer depend on
-    the traffic."""
+    distribution computation for all of them, a draw from each row's generator), each the token
+    it would draw alone (row-wise kernels; tested bitwise on CPU); a seeded row (`sampling_seed`)
+    still draws alone, so that no kernel's batch-size dependence on another device can make its
+    answer depend on the traffic."""
     tokens = logits.argmax(dim=-1)
     adjusted = {}
     vocab = logits.shape[-1]
@@ -312,7 +312,7 @@ def choose_step(logits: torch.Tensor, states: list[SpecState], step: int,
         row = logits[i:i + 1]
         if adjusts:  # as output token `produced + step`, after the committed output and this run's steps
             row = adjust_logits(row, params, state.produced + step, state.stop_token_ids, history=state.history,
-                                prior_tokens=previous[i] if step else None)
+                                prior_tokens=previous[i])  # [step]: empty at step 0
             adjusted[i] = row
         if state.greedy:
             tokens[i] = row.argmax(dim=-1)[0]
