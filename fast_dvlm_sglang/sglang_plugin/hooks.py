@@ -75,6 +75,9 @@ HOOK_TARGETS: tuple[tuple[str, str, str], ...] = (
     # backend computes a square attention over the whole sequence per extend, `cpu_attention.py`).
     ("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend",
      "fast_dvlm_sglang.sglang_plugin.cpu_attention:forward_extend", "AROUND"),
+    # ... and its decode attention with whole-row KV gathers (advanced indexing cost ~6x more).
+    ("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_decode",
+     "fast_dvlm_sglang.sglang_plugin.cpu_attention:forward_decode", "AROUND"),
     # CUDA graphs for FastDVLMSpeculative (opt-in): a bidirectional and a causal capture.
     ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.create_attention_graph_variants",
      "fast_dvlm_sglang.sglang_plugin.attention_modes:create_attention_graph_variants", "AROUND"),

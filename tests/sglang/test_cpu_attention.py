@@ -1,5 +1,6 @@
 """`cpu_attention.extend_attention` equals SGLang's torch_native extend attention (the square
-"redundant query" form it replaces for our layers), over awkward shapes."""
+"redundant query" form it replaces for our layers), and `cpu_attention.forward_decode` is
+SGLang's decode attention bit for bit, over awkward shapes."""
 
 from __future__ import annotations
 
@@ -49,3 +50,114 @@ def test_hook_takes_only_our_layers():
     fb = SimpleNamespace(extend_seq_lens_cpu=[1])
     cpu_attention.forward_extend(original, None, None, None, None, other, fb)
     assert calls == ["sglang"]
+
+
+class _Pool:
+    """The KV pool calls the backend makes (an MHA pool's set/get of one layer's buffers)."""
+
+    def __init__(self, k_cache, v_cache):
+        self.k, self.v, self.writes = k_cache, v_cache, []
+
+    def set_kv_buffer(self, layer, loc, k, v):
+        self.writes.append(loc.loc.clone())
+        self.k[loc.loc] = k.view(-1, *self.k.shape[1:])
+        self.v[loc.loc] = v.view(-1, *self.v.shape[1:])
+
+    def get_key_buffer(self, layer_id):
+        return self.k
+
+    def get_value_buffer(self, layer_id):
+        return self.v
+
+
+class _OurLayer:
+    """What `cpu_attention` checks of a layer: a mode-selected (our model's) causal layer."""
+
+    _fast_dvlm_causal_forward = None  # (`model.is_mode_selected` reads the class)
+    is_cross_attention = False
+    sliding_window_size = -1
+    layer_id = 0
+
+    def __init__(self, q_heads, kv_heads, dim):
+        self.tp_q_head_num, self.tp_k_head_num, self.qk_head_dim, self.v_head_dim = q_heads, kv_heads, dim, dim
+        self.scaling = dim ** -0.5
+
+
+def _decode_case(seq_lens, heads, dim, seed, dtype=torch.float32):
+    """A backend (SGLang's class, its state stubbed) over a pool of shuffled slots, a decode batch
+    whose request i's new token goes to slot seq_lens[i] - 1 of its row, and that token's q/k/v."""
+    from types import SimpleNamespace
+
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    gen = torch.Generator().manual_seed(seed)
+    q_heads, kv_heads = heads
+    slots, width = 1000, 130
+    k_cache = torch.randn(slots, kv_heads, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(slots, kv_heads, dim, generator=gen).to(dtype)
+    req_to_token = torch.randperm(slots, generator=gen)[: (len(seq_lens) + 1) * width].view(-1, width)
+    pool_idx = torch.randperm(len(seq_lens) + 1, generator=gen)[: len(seq_lens)]  # rows not in pool order
+    lens = torch.tensor(seq_lens)
+    backend = TorchNativeAttnBackend.__new__(TorchNativeAttnBackend)
+    backend.token_to_kv_pool = _Pool(k_cache, v_cache)
+    backend.req_to_token_pool = SimpleNamespace(req_to_token=req_to_token)
+    backend.swa_out_cache_loc = None
+    batch = SimpleNamespace(req_pool_indices=pool_idx, seq_lens=lens, seq_lens_cpu=lens.clone(), encoder_lens=None,
+                            out_cache_loc=req_to_token[pool_idx, lens - 1], encoder_out_cache_loc=None)
+    q = torch.randn(len(seq_lens), q_heads * dim, generator=gen)
+    k = torch.randn(len(seq_lens), kv_heads * dim, generator=gen).to(dtype)
+    v = torch.randn(len(seq_lens), kv_heads * dim, generator=gen).to(dtype)
+    return backend, batch, _OurLayer(q_heads, kv_heads, dim), q, k, v
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 130), min_size=1, max_size=6), st.sampled_from([(4, 4), (4, 2), (6, 1)]),
+       st.sampled_from([8, 16]), st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**31 - 1))
+def test_decode_hook_is_sglangs_decode_attention(seq_lens, heads, dim, kv_dtype, seed):
+    """The hook's output (and the KV it writes) equals SGLang's own `forward_decode` on the same
+    backend state, bitwise: the same SDPA calls on the same operands, only gathered otherwise
+    (a bf16 KV cache under float32 queries: converted as SGLang converts it)."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    from fast_dvlm_sglang.sglang_plugin import cpu_attention
+
+    ours, batch, layer, q, k, v = _decode_case(seq_lens, heads, dim, seed, kv_dtype)
+    sglangs, *_ = _decode_case(seq_lens, heads, dim, seed, kv_dtype)
+    original = TorchNativeAttnBackend.forward_decode
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    got = cpu_attention.forward_decode(spy, ours, q, k, v, layer, batch)
+    want = original(sglangs, q, k, v, layer, batch)
+    assert not calls  # our layer: SGLang's loop did not run
+    assert got.shape == want.shape == (len(seq_lens), heads[0] * dim)
+    assert torch.equal(got, want)
+    assert torch.equal(ours.token_to_kv_pool.k, sglangs.token_to_kv_pool.k)  # the new tokens' KV, written
+    assert torch.equal(ours.token_to_kv_pool.v, sglangs.token_to_kv_pool.v)
+    assert [w.tolist() for w in ours.token_to_kv_pool.writes] == [batch.out_cache_loc.tolist()]
+
+
+def test_decode_hook_leaves_other_layers_and_batches_to_sglang():
+    from fast_dvlm_sglang.sglang_plugin import cpu_attention
+
+    backend, batch, layer, q, k, v = _decode_case([5, 9], (4, 2), 8, 0)
+    calls = []
+    original = lambda *a, **kw: calls.append("sglang")  # noqa: E731
+
+    class Other:  # another model's layer (not mode-selected)
+        is_cross_attention, sliding_window_size, qk_head_dim, v_head_dim = False, -1, 8, 8
+
+    windowed = _OurLayer(4, 2, 8)
+    windowed.sliding_window_size = 16
+    cross = _OurLayer(4, 2, 8)
+    cross.is_cross_attention = True
+    for other in (Other(), windowed, cross):
+        cpu_attention.forward_decode(original, backend, q, k, v, other, batch)
+    no_host_lens = type(batch)(**{**vars(batch), "seq_lens_cpu": None})
+    cpu_attention.forward_decode(original, backend, q, k, v, layer, no_host_lens)
+    cpu_attention.forward_decode(original, backend, q.to("meta"), k, v, layer, batch)  # not a CPU tensor
+    assert calls == ["sglang"] * 5
+    assert backend.token_to_kv_pool.writes == []
