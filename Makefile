@@ -92,7 +92,7 @@ serve: venv-sglang
 BENCH_ARGS ?=
 bench: venv-sglang
 	$(VENV_SGLANG)/bin/fast-dvlm bench serve --model demo --algorithms ar,mdm,mdm-full,spec --concurrency 1,4,16 \
-		--requests 32 --max-new-tokens 128 $(BENCH_ARGS)
+		--requests 128 --max-new-tokens 128 $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check fast_dvlm_sglang kernels quantize tests benchmarks
