@@ -26,7 +26,7 @@ def test_extend_attention_equals_sglangs_square_form(rows, heads, dim, causal, s
     slots = 600
     k_cache = torch.randn(slots, kv_heads, dim, generator=gen)
     v_cache = torch.randn(slots, kv_heads, dim, generator=gen)
-    req_to_token = torch.randperm(slots, generator=gen)[: len(rows) * 110].view(len(rows), 110)
+    req_to_token = torch.randperm(slots, generator=gen)[: len(rows) * 110].view(len(rows), 110).int()  # as SGLang's
     prefix, new = [p for p, _ in rows], [n for _, n in rows]
     q = torch.randn(sum(new), q_heads, dim, generator=gen)
     pool_idx = torch.arange(len(rows)).flip(0)  # rows not in pool order
@@ -95,7 +95,8 @@ def _decode_case(seq_lens, heads, dim, seed, dtype=torch.float32):
     slots, width = 1000, 130
     k_cache = torch.randn(slots, kv_heads, dim, generator=gen).to(dtype)
     v_cache = torch.randn(slots, kv_heads, dim, generator=gen).to(dtype)
-    req_to_token = torch.randperm(slots, generator=gen)[: (len(seq_lens) + 1) * width].view(-1, width)
+    # int32, as SGLang's ReqToTokenPool holds it
+    req_to_token = torch.randperm(slots, generator=gen)[: (len(seq_lens) + 1) * width].view(-1, width).int()
     pool_idx = torch.randperm(len(seq_lens) + 1, generator=gen)[: len(seq_lens)]  # rows not in pool order
     lens = torch.tensor(seq_lens)
     backend = TorchNativeAttnBackend.__new__(TorchNativeAttnBackend)
