@@ -100,20 +100,25 @@ def _sglang_handles(layer) -> bool:
             or layer.qk_head_dim != layer.v_head_dim)
 
 
+def _write_kv(backend, k, v, layer, forward_batch, save_kv_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write the new tokens' K/V as SGLang's backend does before attending; return the layer's
+    key and value buffers."""
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    pool = backend.token_to_kv_pool
+    if save_kv_cache and k is not None and v is not None:
+        pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, backend.swa_out_cache_loc), k, v)
+    return pool.get_key_buffer(layer.layer_id), pool.get_value_buffer(layer.layer_id)
+
+
 def forward_decode(original, self, q, k, v, layer, forward_batch, save_kv_cache=True):
     # CPU only: the gather cost is a CPU measurement; elsewhere SGLang's loop runs as it is.
     if (q.device.type != "cpu" or _sglang_handles(layer) or forward_batch.seq_lens_cpu is None
             or forward_batch.encoder_lens is not None):
         return original(self, q, k, v, layer, forward_batch, save_kv_cache)
-    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
-
-    if save_kv_cache and k is not None and v is not None:
-        self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc),
-                                            k, v)
     out = decode_attention(
         q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim),
-        self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-        self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+        *_write_kv(self, k, v, layer, forward_batch, save_kv_cache),
         self.req_to_token_pool.req_to_token,
         forward_batch.req_pool_indices.tolist(),  # (SGLang's loop reads a scalar per request instead)
         forward_batch.seq_lens_cpu.tolist(),
@@ -127,15 +132,10 @@ def forward_extend(original, self, q, k, v, layer, forward_batch, save_kv_cache=
     if _sglang_handles(layer) or forward_batch.extend_seq_lens_cpu is None:
         return original(self, q, k, v, layer, forward_batch, save_kv_cache)
     from sglang.srt.layers.radix_attention import AttentionType
-    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-    if save_kv_cache and k is not None and v is not None:
-        self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc),
-                                            k, v)
     out = extend_attention(
         q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
-        self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-        self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+        *_write_kv(self, k, v, layer, forward_batch, save_kv_cache),
         self.req_to_token_pool.req_to_token,
         forward_batch.req_pool_indices,
         [int(p) for p in forward_batch.extend_prefix_lens_cpu],
