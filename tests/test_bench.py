@@ -429,6 +429,57 @@ def test_profile_categories_follow_the_innermost_frame():
     assert summary["top_self"][0] == {"frame": "apply (sglang/srt/layers/linear.py:7)", "share": pytest.approx(5 / 12)}
 
 
+
+def _cost_file(ar_steps: dict, rounds: dict, context: int = 64) -> dict:
+    return {"ar": [{"concurrency": c, "draft_length": None, "context": context, "round_s": s}
+                   for c, s in ar_steps.items()],
+            "spec": [{"concurrency": c, "draft_length": k, "context": context, "round_s": s}
+                     for (c, k), s in rounds.items()]}
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_decode_lead_is_committed_tokens_per_unit_of_ar_time(seed):
+    """lead(c, k) = committed(k) * ar_step(c) / round(c, k), the best over k; a round whose cost
+    grows with concurrency exactly as the AR step's keeps its lead at every concurrency, one whose
+    cost grows faster loses it."""
+    from fast_dvlm_sglang.benchmarks.batching_bound import decode_leads
+
+    rng = random.Random(seed)
+    committed = {0: 1.0, 3: rng.uniform(1, 4), 31: rng.uniform(4, 32)}
+    ar = {1: rng.uniform(0.005, 0.02)}
+    ar[16] = ar[1] * rng.uniform(1.0, 4.0)
+    mult = {0: rng.uniform(1, 1.5), 3: rng.uniform(1.5, 3), 31: rng.uniform(2, 5)}
+    same = decode_leads(_cost_file(ar, {(c, k): ar[c] * mult[k] for c in ar for k in mult}), committed)[64]
+    for k in mult:
+        assert same[1]["lead"][k] == pytest.approx(committed[k] / mult[k], rel=1e-12)
+        assert same[16]["lead"][k] == pytest.approx(same[1]["lead"][k], rel=1e-12)
+    best = max(mult, key=lambda k: committed[k] / mult[k])
+    assert same[1]["best_k"] == best and same[1]["best"] == pytest.approx(committed[best] / mult[best])
+    # per-token work: at 16 in flight a round of k drafts costs (k + 1) times more per request than at 1
+    steeper = {(c, k): ar[c] * mult[k] * (1 + (c > 1) * 0.05 * k) for c in ar for k in mult}
+    worse = decode_leads(_cost_file(ar, steeper), committed)[64]
+    assert worse[16]["lead"][0] == pytest.approx(worse[1]["lead"][0])
+    assert worse[16]["lead"][31] < worse[1]["lead"][31]
+
+
+def test_decode_leads_skip_cells_without_a_measurement(tmp_path, capsys):
+    from fast_dvlm_sglang.benchmarks.batching_bound import committed_per_round, decode_leads, main
+
+    acceptance = {"acceptance": {"demo": {"native": {"4": {"draft_len": 3, "mean_committed_per_round": 3.5},
+                                                     "32": {"draft_len": 31, "mean_committed_per_round": 20.0}}}}}
+    committed = committed_per_round(acceptance)
+    assert committed == {0: 1.0, 3: 3.5, 31: 20.0}
+    cost = _cost_file({1: 0.01}, {(1, 31): 0.02, (1, 7): 0.02, (4, 31): 0.05})  # k=7: no acceptance; c=4: no AR
+    assert decode_leads(cost, committed) == {64: {1: {"ar_step_s": 0.01, "lead": {31: 10.0}, "best_k": 31,
+                                                      "best": 10.0}}}
+    (tmp_path / "cost.json").write_text(json.dumps(cost))
+    (tmp_path / "acc.json").write_text(json.dumps(acceptance))
+    assert main(["--cost", str(tmp_path / "cost.json"), "--acceptance", str(tmp_path / "acc.json"),
+                 "--out", str(tmp_path / "out.json")]) == 0
+    assert json.loads((tmp_path / "out.json").read_text())["leads"]["64"]["1"]["best"] == 10.0
+    assert main(["--cost", str(tmp_path / "missing.json")]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
 def test_gpu_suite_dry_run_on_cpu(tmp_path):
     """`benchmarks/gpu.sh` (the one command a lent GPU machine runs) end to end on a CPU
     (GPU_SH_DRY_RUN: tiny model and grids, kernel tests collected only): every step runs, a
