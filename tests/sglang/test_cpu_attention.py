@@ -39,6 +39,40 @@ def test_extend_attention_equals_sglangs_square_form(rows, heads, dim, causal, s
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # float32: same sums, other blocking
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 70), st.sampled_from([1, 2, 3, 32])), min_size=1, max_size=6),
+       st.integers(0, 2**31 - 1))
+def test_shared_additive_masks_are_each_requests_offset_causal_mask(rows, seed):
+    """Each request's view of its width's shared additive mask is its offset causal mask (query t
+    sees keys 0 .. prefix + t), and attention under it is bitwise attention under the boolean
+    form of that mask (what SGLang's and our earlier loop passed)."""
+    from torch.nn.functional import scaled_dot_product_attention
+
+    from fast_dvlm_sglang.sglang_plugin.cpu_attention import _offset_causal_masks, extend_attention
+
+    prefix, new = [p for p, _ in rows], [n for _, n in rows]
+    masks = _offset_causal_masks(prefix, new, torch.float32, torch.device("cpu"))
+    assert set(masks) == {n for n in new if n > 1}
+    gen = torch.Generator().manual_seed(seed)
+    k_cache, v_cache = torch.randn(800, 2, 8, generator=gen), torch.randn(800, 2, 8, generator=gen)
+    req_to_token = torch.randperm(800, generator=gen)[: len(rows) * 110].view(len(rows), 110).int()
+    q = torch.randn(sum(new), 4, 8, generator=gen)
+    got = extend_attention(q, k_cache, v_cache, req_to_token, torch.arange(len(rows)), prefix, new,
+                           scaling=0.3, enable_gqa=True, causal=True)
+    start = 0
+    for i, (p, n) in enumerate(rows):
+        visible = torch.arange(p + n)[None, :] <= p + torch.arange(n)[:, None]
+        if n > 1:
+            view = masks[n][:, -(p + n):]
+            assert torch.equal(view == 0, visible) and bool((view[~visible] == float("-inf")).all())
+        slots = req_to_token[i, :p + n].long()
+        want = scaled_dot_product_attention(
+            q[start:start + n].movedim(0, 1)[None], k_cache[slots].movedim(0, 1)[None],
+            v_cache[slots].movedim(0, 1)[None], attn_mask=visible if n > 1 else None, scale=0.3, enable_gqa=True)
+        assert torch.equal(got[start:start + n], want[0].movedim(1, 0))
+        start += n
+
+
 def test_hook_takes_only_our_layers():
     from types import SimpleNamespace
 
