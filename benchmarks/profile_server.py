@@ -7,7 +7,7 @@ client (`load.py`, the demo prompts) at `--concurrency` while py-spy samples the
 process (the one process that runs batching, our hooks and the model forward; `--idle` samples
 are dropped, so what is left is busy time). Each sampled stack is put in one category:
 
-- `vision encoder`: the image tower (SGLang's Qwen2.5-VL vision blocks);
+- `vision encoder`: the image tower (SGLang's Qwen2.5-VL vision blocks), everything under it;
 - `attention`: the attention backend (SGLang's torch_native / triton backends, our CPU extend
   attention, our Triton kernel, the KV writes);
 - `model forward (other)`: the rest of the model's forward (linears, norms, RoPE, LM head);
@@ -55,7 +55,12 @@ CATEGORIES = (
 
 def classify(stack: str) -> str:
     """The category of the innermost frame that has one (our hooks wrap SGLang's functions, so
-    every scheduler stack passes through a frame of ours: the leaf-most match decides)."""
+    every scheduler stack passes through a frame of ours: the leaf-most match decides), except
+    that everything under the image tower is the vision encoder's: its linears, norms and
+    attention are the tower's cost, not the language model's."""
+    vision = CATEGORIES[0]
+    if any(n in stack for n in vision[1]):
+        return vision[0]
     for frame in reversed(stack.split(";")):
         for name, needles in CATEGORIES:
             if any(n in frame for n in needles):

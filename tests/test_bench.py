@@ -422,6 +422,11 @@ def test_profile_categories_follow_the_innermost_frame():
     }
     assert [classify(s) for s in stacks] == ["sglang scheduling", "model forward (other)", "attention",
                                              "our round (host)", "other"]
+    # except under the image tower: its linears are the vision encoder's cost
+    tower = (f"main (x.py:1);{hook};get_image_feature (fast_dvlm_sglang/sglang_plugin/model.py:290);"
+             "forward (sglang/srt/models/qwen2_5_vl.py:300)")
+    assert classify(tower + ";apply (sglang/srt/layers/linear.py:7)") == "vision encoder"
+    assert classify(tower + ";forward (sglang/srt/layers/attention/vision.py:9)") == "vision encoder"
     text = "\n".join(f"{s} {n}" for s, n in stacks.items()) + "\nnot a sample line\n"
     summary = summarize_collapsed(text)
     assert summary["busy_samples"] == 12
