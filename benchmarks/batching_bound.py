@@ -1,8 +1,9 @@
 """How far spec can lead AR while decoding, at each concurrency, from measured rounds.
 
     .venv-sglang/bin/python benchmarks/batching_bound.py \
-        --cost benchmarks/results/forward_cost_cpu_demo.json \
-        --acceptance benchmarks/results/draft_length_cpu_demo.json
+        --cost benchmarks/results/forward_cost_cpu_demo_20261207.json \
+        --acceptance benchmarks/results/draft_length_cpu_demo.json \
+        --out benchmarks/results/batching_bound_cpu_demo.json
 
 The benchmark issue's batching target, spec at 16 / spec at 1 >= AR at 16 / AR at 1, is the same
 as: spec's lead over AR (its tokens/s over AR's, same load) at 16 in flight >= its lead at 1. This
@@ -63,7 +64,7 @@ def decode_leads(cost: dict, committed: dict[int, float]) -> dict[int, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cost", type=Path, default=RESULTS / "forward_cost_cpu_demo.json")
+    ap.add_argument("--cost", type=Path, default=RESULTS / "forward_cost_cpu_demo_20261207.json")
     ap.add_argument("--acceptance", type=Path, default=RESULTS / "draft_length_cpu_demo.json")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
