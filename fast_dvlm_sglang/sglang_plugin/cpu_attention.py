@@ -50,8 +50,8 @@ def _offset_causal_masks(prefix_lens: list[int], extend_lens: list[int], dtype, 
     `total` keys takes the view `[:, -total:]`, its offset causal mask (query t, at position
     prefix + t, sees keys 0 .. prefix + t). One mask per width for all requests and an additive
     float mask rather than a bool one: SDPA converts a bool mask to this form on every call; that
-    and building the mask per request cost a fifth to a third of a request's attention (16 requests of 32 queries over ~200 keys,
-    CPU); the results are bitwise the same (tested)."""
+    and building the mask per request cost a fifth to a third of a request's attention (16
+    requests of 32 queries over ~200 keys, CPU); the results are bitwise the same (tested)."""
     longest: dict[int, int] = {}
     for prefix, n in zip(prefix_lens, extend_lens):
         if n > 1:
